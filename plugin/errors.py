@@ -1,0 +1,18 @@
+"""The one exception type for bad input: it carries where the problem is and what is wrong."""
+
+from __future__ import annotations
+
+import os
+
+
+class TaskError(Exception):
+    """Bad input from the user (a file, a config key, an object), reported as `where: message`.
+
+    Entrypoints turn it into the agent's crash line and a non-zero exit; the text must let the
+    user fix the input without reading our code.
+    """
+
+    def __init__(self, message: str, where: str | os.PathLike | None = None) -> None:
+        self.message = message
+        self.where = None if where is None else str(where)
+        super().__init__(f"{self.where}: {message}" if self.where else message)

@@ -1,0 +1,1 @@
+"""JSON schemas of the task configs, shipped as package data."""

@@ -1,0 +1,30 @@
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+version = re.search(r'__version__ = "([^"]+)"', Path("plugin/__init__.py").read_text()).group(1)
+
+setup(
+    name="sly-unet",
+    version=version,
+    description="UNet v2 semantic segmentation for Supervisely-format task directories (train and inference containers)",
+    long_description=Path("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    # schemas/ is a package so that the JSON schemas travel with a non-editable install.
+    packages=find_packages(include=["plugin", "plugin.*", "entrypoints", "schemas"]),
+    package_data={"schemas": ["*.json"]},
+    install_requires=[
+        "torch>=2.1,<3",
+        "numpy>=1.24,<3",
+        "opencv-python-headless>=4.8",
+        "jsonschema>=4.17,<5",
+        "Pillow>=9.5",
+        "requests>=2.28,<3",
+        # Polygons that cross the image border are clipped exactly as the Supervisely SDK does it.
+        "shapely>=2.0,<3",
+    ],
+    extras_require={"test": ["pytest>=7"]},
+    entry_points={"console_scripts": ["sly-unet=plugin.cli:main"]},
+)
