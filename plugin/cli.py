@@ -1,0 +1,88 @@
+"""The `sly-unet` command: train, masks, demo. Each subcommand runs inside the agent's crash wrapper."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from plugin import agent_log
+
+log = logging.getLogger(__name__)
+
+# Handlers import their stage lazily: `masks` and `--help` should not pay for importing torch.
+
+
+def _train(args: argparse.Namespace) -> None:
+    from plugin.task_dir import resolve_task_dir
+    from plugin.train import train_task
+
+    train_task(resolve_task_dir(args.task_dir))
+
+
+def _masks(args: argparse.Namespace) -> None:
+    from plugin.config import load_train_config
+    from plugin.masks import write_masks
+
+    background, neutral = "bg", "neutral"
+    if args.config is not None:
+        specials = load_train_config(Path(args.config))["special_classes"]
+        background, neutral = specials["background"], specials["neutral"]
+    count = write_masks(Path(args.project), Path(args.out), background, neutral)
+    log.info(
+        f"wrote {count} masks and class_title_to_idx.json to {args.out}", extra={"masks": count}
+    )
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from plugin.demo import run_demo
+
+    run_demo(Path(args.out))
+
+
+# Subcommand -> (main_name in the crash line, handler). The train name is the legacy plugin's.
+COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], None]]] = {
+    "train": ("UNET_V2_TRAIN", _train),
+    "masks": ("UNET_V2_MASKS", _masks),
+    "demo": ("UNET_V2_DEMO", _demo),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sly-unet", description="UNet v2 segmentation for Supervisely task dirs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument(
+            "--log-format",
+            choices=("auto", "json", "human"),
+            default="auto",
+            help="json: the agent's log lines; human: progress bar and metric lines; auto: human on a terminal",
+        )
+        return p
+
+    p = add("train", "train on a task dir (the train container's command)")
+    p.add_argument("--task-dir", help="task directory (default: $SLY_TASK_DIR, else /sly_task_data)")
+
+    p = add("masks", "write the training targets of a project as PNG class masks, for checking annotations")
+    p.add_argument("--project", required=True, help="project directory (meta.json + datasets)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--config", help="task_config.json to take special_classes from (default: bg / neutral)")
+
+    p = add("demo", "generate a synthetic task dir and train on it on the CPU")
+    p.add_argument("--out", default="build/demo", help="where the demo task dir goes (default: build/demo)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    agent_log.setup(args.log_format)
+    main_name, handler = COMMANDS[args.command]
+    return agent_log.run_main(main_name, lambda: handler(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""Samples for training: split a project by tags, cache the class masks, load and normalise images.
+
+Masks are rasterized once, in the main process, at the input size, and kept as a small uint8 array
+per image: the legacy trainer redrew every annotation in every epoch, which cost more than the
+forward pass at small input sizes. Images are decoded per sample, so memory stays bounded by the
+masks alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from plugin.classes import ClassMapping
+from plugin.errors import TaskError
+from plugin.masks import rasterize
+from plugin.project import Item, ProjectMeta, read_annotation, read_image, read_image_tags
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+
+def split_items(items: Sequence[Item], train_tag: str, val_tag: str) -> dict[str, list[Item]]:
+    """Items by split. An image carrying both tags is in both splits; one with neither is unused."""
+    splits: dict[str, list[Item]] = {"train": [], "val": []}
+    unused = 0
+    for item in items:
+        tags = read_image_tags(item.ann_path)
+        if train_tag in tags:
+            splits["train"].append(item)
+        if val_tag in tags:
+            splits["val"].append(item)
+        if train_tag not in tags and val_tag not in tags:
+            unused += 1
+    if unused:
+        log.info(
+            f"{unused} of {len(items)} images carry neither the '{train_tag}' nor the '{val_tag}' tag; they are not used",
+            extra={"unused_images": unused},
+        )
+    for split, tag in (("train", train_tag), ("val", val_tag)):
+        if not splits[split]:
+            raise TaskError(
+                f"no image carries the tag '{tag}', so the {split} split is empty; tag some images "
+                f"'{tag}' or change the tag's name",
+                where=f"dataset_tags.{split}",
+            )
+    return splits
+
+
+def resize_image(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Resize an RGB image the same way in training and inference: area when shrinking, bilinear when growing."""
+    shrinking = width * height < image.shape[0] * image.shape[1]
+    return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+
+
+def resize_mask(mask: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Nearest-neighbour resize of a class mask; INTER_NEAREST_EXACT is the legacy (skimage order=0) rule."""
+    return cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST_EXACT)
+
+
+def normalize(image: np.ndarray) -> torch.Tensor:
+    """RGB uint8 (H, W, 3) -> float32 (3, H, W) with ImageNet mean and std."""
+    scaled = (image.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+    return torch.from_numpy(np.ascontiguousarray(scaled.transpose(2, 0, 1)))
+
+
+def image_size(item: Item) -> tuple[int, int]:
+    """(height, width) from the image header, without decoding the pixels."""
+    try:
+        with Image.open(item.image_path) as img:
+            width, height = img.size
+    except Exception as exc:  # PIL raises many types for broken files
+        raise TaskError(f"the image cannot be read: {exc}", where=item.image_path) from exc
+    return height, width
+
+
+@dataclass
+class CorruptionBudget:
+    """Shared count of skipped samples of one split, so the limit holds across loader workers."""
+
+    split: str
+    allowed: int
+    counter: multiprocessing.sharedctypes.Synchronized  # type: ignore[name-defined]
+
+    @classmethod
+    def create(cls, split: str, allowed: int) -> CorruptionBudget:
+        return cls(split, allowed, multiprocessing.Value("i", 0))
+
+    def spend(self, where: object, error: Exception) -> None:
+        """Count one corrupted sample: warn while the budget lasts, then raise."""
+        with self.counter.get_lock():
+            self.counter.value += 1
+            used = self.counter.value
+        if used > self.allowed:
+            raise TaskError(
+                f"{error}; more than allow_corrupted_samples.{self.split} = {self.allowed} corrupted samples "
+                f"in the {self.split} split",
+                where=where,
+            ) from error
+        log.warning(
+            f"skipping a corrupted sample ({used} of {self.allowed} allowed in the {self.split} split): {error}",
+            extra={"file": str(where), "split": self.split},
+        )
+
+
+def prepare_masks(
+    items: Sequence[Item],
+    meta: ProjectMeta,
+    mapping: ClassMapping,
+    input_size: tuple[int, int],
+    budget: CorruptionBudget,
+    on_item: Callable[[], None] | None = None,
+) -> tuple[list[Item], list[np.ndarray]]:
+    """Rasterize every item's annotation once, resized to input_size (width, height).
+
+    Checks each annotation against its image's header so that a size mismatch or an unreadable
+    image is found before training starts. Corrupted items are dropped within the budget.
+    """
+    width, height = input_size
+    kept: list[Item] = []
+    masks: list[np.ndarray] = []
+    for item in items:
+        try:
+            ann = read_annotation(item.ann_path, meta)
+            img_h, img_w = image_size(item)
+            if (img_h, img_w) != (ann.height, ann.width):
+                raise TaskError(
+                    f"the annotation says the image is {ann.width}x{ann.height} (width x height), "
+                    f"but {item.image_path.name} is {img_w}x{img_h}",
+                    where=item.ann_path,
+                )
+            mask = resize_mask(rasterize(ann, mapping), width, height)
+        except TaskError as exc:
+            budget.spend(exc.where or item.ann_path, exc)
+        else:
+            kept.append(item)
+            masks.append(mask)
+        if on_item is not None:
+            on_item()
+    return kept, masks
+
+
+class SegmentationDataset(Dataset):
+    """(image float32 (3, H, W), target int64 (H, W)) pairs at the input size, targets from the mask cache."""
+
+    def __init__(
+        self,
+        items: Sequence[Item],
+        masks: Sequence[np.ndarray],
+        input_size: tuple[int, int],
+        budget: CorruptionBudget,
+    ) -> None:
+        self.items = list(items)
+        self.masks = list(masks)
+        self.width, self.height = input_size
+        self.budget = budget
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # A file can pass the header check and still fail to decode; replace it by another sample
+        # while the split's budget allows, as the legacy trainer did.
+        for _ in range(100):
+            item = self.items[index]
+            try:
+                image = read_image(item.image_path)
+            except TaskError as exc:
+                self.budget.spend(item.image_path, exc)
+                index = random.randrange(len(self.items))
+                continue
+            image = resize_image(image, self.width, self.height)
+            target = torch.from_numpy(self.masks[index].astype(np.int64))
+            return normalize(image), target
+        raise TaskError("no readable sample found after 100 tries", where=f"{self.budget.split} split")
+
+
+def _limit_worker_threads(_worker_id: int) -> None:
+    # Each loader worker is one process per core already; letting OpenCV and torch spawn their own
+    # thread pools inside it oversubscribes the cores and slows training down.
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+
+
+def make_loader(dataset: SegmentationDataset, batch_size: int, workers: int, shuffle: bool) -> DataLoader:
+    """A DataLoader over the dataset; batch_size is already multiplied by the number of devices."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=workers,
+        worker_init_fn=_limit_worker_threads if workers > 0 else None,
+        persistent_workers=workers > 0,
+        pin_memory=torch.cuda.is_available(),
+    )

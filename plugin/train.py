@@ -1,0 +1,273 @@
+"""The train task: task dir -> config -> project -> masks -> samples -> model -> checkpoints and log.
+
+`train_task` reads like that flow; `fit` is the plain loop (forward, loss, backward, step, validate
+when the planner says so, checkpoint after every validation).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from plugin import agent_log
+from plugin.checkpoints import CONFIG_NAME, WEIGHTS_NAME, CheckpointWriter, checkpoint_config
+from plugin.classes import NEUTRAL_INDEX, ClassMapping, build_mapping, check_continue_training
+from plugin.config import load_train_config, read_json
+from plugin.data import CorruptionBudget, SegmentationDataset, make_loader, prepare_masks, split_items
+from plugin.devices import DevicePlan, plan_devices
+from plugin.errors import TaskError
+from plugin.losses import segmentation_loss
+from plugin.metrics import confusion_matrix, summarize
+from plugin.model import build_model
+from plugin.project import ProjectMeta, find_project, list_items, read_meta
+from plugin.task_dir import TaskDir
+from plugin.weights import load_continue, load_state_dict, load_transfer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalPlanner:
+    """When to validate: every `val_every` epochs (fractional allowed), and always after the last iteration.
+
+    The legacy count `floor(epoch / val_every + 1e-9)` is kept so checkpoints land where legacy users
+    expect them; unlike the legacy trainer, the final iteration always validates, so every run ends
+    with a checkpoint even when epochs / val_every is not whole or val_every > epochs.
+    """
+
+    val_every: float
+    iters_per_epoch: int
+    epochs: int
+    done: int = 0
+
+    def due(self, epoch: int, iteration: int) -> bool:
+        """Whether to validate after `iteration` (0-based) of `epoch` (0-based)."""
+        progress = epoch + (iteration + 1) / self.iters_per_epoch
+        count = math.floor(progress / self.val_every + 1e-9)
+        last = epoch == self.epochs - 1 and iteration == self.iters_per_epoch - 1
+        if count > self.done or last:
+            self.done = max(count, self.done + 1)
+            return True
+        return False
+
+
+@dataclass
+class LrPolicy:
+    """Divide the LR by `divisor` after `patience` validations without a new best loss.
+
+    Unlike the legacy trainer, the optimizer is kept (its moments survive the LR drop).
+    """
+
+    patience: int
+    divisor: float
+    losses: list[float] = field(default_factory=list)
+    last_reset: int = 0
+
+    def step(self, val_loss: float, optimizer: torch.optim.Optimizer) -> bool:
+        """Record a validation loss; returns True when the LR was lowered."""
+        self.losses.append(val_loss)
+        waited = len(self.losses) - self.last_reset
+        if waited <= self.patience or min(self.losses[-self.patience :]) <= min(self.losses):
+            return False
+        for group in optimizer.param_groups:
+            group["lr"] /= self.divisor
+        self.last_reset = len(self.losses)
+        return True
+
+
+@dataclass
+class TrainSummary:
+    checkpoints: list[Path]
+    best_checkpoint: Path
+    best_val_metrics: dict[str, float]
+    final_val_metrics: dict[str, float]
+
+
+def train_task(task: TaskDir) -> TrainSummary:
+    """Run the whole train task of a task dir; raises TaskError on bad input."""
+    agent_log.add_log_file(task.tmp_dir / "train_log.jsonl")
+    config = load_train_config(task.config_path)
+    project_dir = find_project(task.data_dir)
+    meta = read_meta(project_dir)
+    specials = config["special_classes"]
+    mapping = build_mapping(meta, specials["background"], specials["neutral"])
+    initial_weights = read_initial_weights(task.model_dir, config["weights_init_type"], mapping)
+
+    tags = config["dataset_tags"]
+    splits = split_items(list_items(project_dir), tags["train"], tags["val"])
+    plan = plan_devices(config["gpu_devices"])
+    loaders = {
+        split: build_loader(split, items, meta, mapping, config, plan) for split, items in splits.items()
+    }
+
+    model = build_model(mapping.num_classes)
+    apply_initial_weights(model, initial_weights, config["weights_init_type"])
+    writer = CheckpointWriter(task.results_dir, task.tmp_dir / "checkpoints")
+    return fit(model, loaders, config, mapping, plan, writer)
+
+
+def read_initial_weights(model_dir: Path, init_type: str, mapping: ClassMapping) -> dict[str, torch.Tensor] | None:
+    """The state dict in model/, or None for a random init; continue_training also checks the classes."""
+    weights_path = model_dir / WEIGHTS_NAME
+    if not weights_path.is_file():
+        if init_type == "continue_training":
+            raise TaskError(
+                "weights_init_type is continue_training, but there is no model to continue: "
+                f"{weights_path} does not exist",
+                where="weights_init_type",
+            )
+        log.info("no model/ weights in the task dir: the network starts from a random initialisation")
+        return None
+    if init_type == "continue_training":
+        config_path = model_dir / CONFIG_NAME
+        saved = read_json(config_path).get("class_title_to_idx")
+        if not isinstance(saved, dict):
+            raise TaskError("the model's config has no class_title_to_idx mapping to continue from", where=config_path)
+        check_continue_training(mapping, saved, str(config_path))
+    return load_state_dict(weights_path)
+
+
+def apply_initial_weights(model: nn.Module, state_dict: dict[str, torch.Tensor] | None, init_type: str) -> None:
+    if state_dict is None:
+        return
+    if init_type == "continue_training":
+        load_continue(model, state_dict)
+        log.info("continue_training: every weight of the model was loaded")
+    else:
+        loaded = load_transfer(model, state_dict)
+        log.info(
+            f"transfer_learning: loaded {len(loaded)} weight tensors; last_conv starts from a random initialisation",
+            extra={"loaded_tensors": len(loaded)},
+        )
+
+
+def build_loader(
+    split: str, items: list, meta: ProjectMeta, mapping: ClassMapping, config: dict, plan: DevicePlan
+) -> DataLoader:
+    size = (config["input_size"]["width"], config["input_size"]["height"])
+    budget = CorruptionBudget.create(split, config["allow_corrupted_samples"][split])
+    progress = agent_log.Progress(f"Preparing {split} masks: ", len(items))
+    kept, masks = prepare_masks(items, meta, mapping, size, budget, on_item=progress.tick)
+    if not kept:
+        raise TaskError(f"every sample of the {split} split is corrupted", where=f"dataset_tags.{split}")
+    dataset = SegmentationDataset(kept, masks, size, budget)
+    batch = config["batch_size"][split] * plan.count
+    return make_loader(dataset, batch, config["data_workers"][split], shuffle=split == "train")
+
+
+def class_titles(mapping: ClassMapping) -> list[str]:
+    """Titles by model index; an index no title uses (possible in an old mapping) gets a placeholder."""
+    by_index = {idx: title for title, idx in mapping.title_to_idx.items()}
+    return [by_index.get(i, f"class_{i}") for i in range(mapping.num_classes)]
+
+
+def loss_fn(config: dict, num_classes: int):
+    weights = config["loss_weights"]
+
+    def compute(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return segmentation_loss(logits, target, num_classes, NEUTRAL_INDEX, weights["bce"], weights["dice"])
+
+    return compute
+
+
+def batch_metrics(cm: torch.Tensor, titles: list[str]) -> tuple[dict[str, float], list[str]]:
+    """Metrics for the log: floats only; classes absent from prediction and target are listed apart."""
+    summary = summarize(cm, titles)
+    metrics = {k: float(v) for k, v in summary.items() if v is not None}
+    absent = [k.split("/", 1)[1] for k, v in summary.items() if v is None and k.startswith("iou/")]
+    return metrics, absent
+
+
+def fit(
+    model: nn.Module,
+    loaders: dict[str, DataLoader],
+    config: dict,
+    mapping: ClassMapping,
+    plan: DevicePlan,
+    writer: CheckpointWriter,
+) -> TrainSummary:
+    """The loop: Adam, per-iteration train metrics, validation and a checkpoint when the planner says so."""
+    device = plan.device
+    model.to(device)
+    net: nn.Module = nn.DataParallel(model, device_ids=list(plan.device_ids)) if plan.count > 1 else model
+    optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"])
+    compute_loss = loss_fn(config, mapping.num_classes)
+    titles = class_titles(mapping)
+    iters = len(loaders["train"])
+    epochs = config["epochs"]
+    planner = EvalPlanner(config["val_every"], iters, epochs)
+    lr_policy = LrPolicy(config["lr_decreasing"]["patience"], config["lr_decreasing"]["lr_divisor"])
+    ckpt_config = checkpoint_config(config, mapping)
+    progress = agent_log.Progress("Model training: ", epochs * iters)
+    saved: list[Path] = []
+    best: tuple[Path, dict[str, float]] | None = None
+    val_metrics: dict[str, float] = {}
+
+    for epoch in range(epochs):
+        for iteration, (images, targets) in enumerate(loaders["train"]):
+            net.train()
+            images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+            logits = net(images)
+            loss = compute_loss(logits, targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            progress.tick()
+
+            epoch_float = epoch + (iteration + 1) / iters
+            with torch.no_grad():
+                cm = confusion_matrix(logits.argmax(1), targets, mapping.num_classes, NEUTRAL_INDEX)
+            train_metrics, _ = batch_metrics(cm, titles)
+            agent_log.log_metrics("train", epoch_float, {"loss": float(loss.detach()), **_headline(train_metrics)})
+
+            if planner.due(epoch, iteration):
+                val_metrics, absent = validate(net, loaders["val"], compute_loss, mapping, titles, device, config)
+                agent_log.log_metrics("val", epoch_float, val_metrics, absent_classes=absent)
+                path = writer.save(ckpt_config, model, epoch_float, val_metrics)
+                saved.append(path)
+                if best is None or val_metrics["loss"] < best[1]["loss"]:
+                    best = (path, val_metrics)
+                if lr_policy.step(val_metrics["loss"], optimizer):
+                    log.info(
+                        f"val loss did not improve for {lr_policy.patience} validations: "
+                        f"learning rate lowered to {optimizer.param_groups[0]['lr']:.3g}",
+                        extra={"lr": optimizer.param_groups[0]["lr"]},
+                    )
+    assert best is not None, "the planner always validates after the last iteration"
+    return TrainSummary(saved, best[0], best[1], val_metrics)
+
+
+def _headline(metrics: dict[str, float]) -> dict[str, float]:
+    # Per-class IoU on one batch is noise; the per-iteration line keeps the figures the agent charts.
+    return {k: v for k, v in metrics.items() if "/" not in k}
+
+
+def validate(
+    net: nn.Module,
+    loader: DataLoader,
+    compute_loss,
+    mapping: ClassMapping,
+    titles: list[str],
+    device: torch.device,
+    config: dict,
+) -> tuple[dict[str, float], list[str]]:
+    """Loss (mean over samples) and confusion-matrix metrics over the whole val split, and the absent classes."""
+    net.train(not config["validate_with_model_eval"])
+    cm = torch.zeros(mapping.num_classes, mapping.num_classes, dtype=torch.int64)
+    loss_sum, count = 0.0, 0
+    with torch.no_grad():
+        for images, targets in loader:
+            images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+            logits = net(images)
+            loss_sum += float(compute_loss(logits, targets)) * len(images)
+            count += len(images)
+            cm += confusion_matrix(logits.argmax(1), targets, mapping.num_classes, NEUTRAL_INDEX).cpu()
+    metrics, absent = batch_metrics(cm, titles)
+    metrics = {"loss": loss_sum / count, **metrics}
+    return metrics, absent
