@@ -155,6 +155,12 @@ def _describe(error: ValidationError) -> list[str]:
         # jsonschema yields one error per missing key and names it only in the message.
         key = next(k for k in error.validator_value if error.message == f"{k!r} is a required property")
         return [f"{_dotted(parent + [key])}: missing required key"]
+    if error.validator in ("minLength", "minItems"):
+        # Worded here: jsonschema's text for these changed between releases ("is too short" / "should be non-empty").
+        count = error.validator_value
+        need = "must not be empty" if count == 1 else f"needs at least {count} " + (
+            "characters" if error.validator == "minLength" else "items")
+        return [f"{_dotted(parent)}: {error.instance!r} {need}"]
     if error.validator == "exclusiveMinimum":
         return [f"{_dotted(parent)}: {error.instance!r} must be greater than {error.validator_value!r}"]
     return [f"{_dotted(parent)}: {error.message}"]

@@ -1,0 +1,237 @@
+from __future__ import annotations
+
+import copy
+import json
+from importlib import resources
+from pathlib import Path
+
+import pytest
+from jsonschema import Draft7Validator
+
+from plugin.config import TRAIN_DEFAULTS, load_train_config, merge_defaults, read_json, validate
+from plugin.errors import TaskError
+
+LEGACY_BASIC = {
+    "lr": 0.001, "epochs": 3, "momentum": 0.9, "batch_size": {"val": 6, "train": 12},
+    "input_size": {"width": 256, "height": 256}, "gpu_devices": [0], "data_workers": {"val": 0, "train": 3},
+    "dataset_tags": {"val": "val", "train": "train"}, "special_classes": {"neutral": "neutral", "background": "bg"},
+    "weights_init_type": "transfer_learning",
+}
+
+LEGACY_FULL = {
+    "input_size": {"width": 128, "height": 128},
+    "batch_size": {"train": 1, "val": 1},
+    "data_workers": {"train": 0, "val": 0},
+    "allow_corrupted_samples": {"train": 0, "val": 0},
+    "dataset_tags": {"train": "train", "val": "val"},
+    "special_classes": {"background": "bg", "neutral": "neutral"},
+    "epochs": 2,
+    "val_every": 0.5,
+    "lr": 0.1,
+    "momentum": 0.9,
+    "lr_decreasing": {"patience": 1000, "lr_divisor": 5},
+    "loss_weights": {"bce": 1.0, "dice": 1.0},
+    "weights_init_type": "transfer_learning",
+    "validate_with_model_eval": True,
+    "gpu_devices": [0],
+}
+
+
+def write_config(tmp_path: Path, config: object) -> Path:
+    path = tmp_path / "task_config.json"
+    path.write_text(json.dumps(config), encoding="utf-8")
+    return path
+
+
+def problems(error: TaskError) -> list[str]:
+    header, *lines = error.message.splitlines()
+    assert header.startswith("invalid config (")
+    return [line.strip() for line in lines]
+
+
+def test_legacy_basic_config_is_valid(tmp_path):
+    config = load_train_config(write_config(tmp_path, LEGACY_BASIC))
+    assert config["batch_size"] == {"val": 6, "train": 12}
+    assert config["data_workers"] == {"val": 0, "train": 3}
+    assert config["val_every"] == 0.5
+    assert config["loss_weights"] == {"bce": 1.0, "dice": 1.0}
+    assert config["lr_decreasing"] == {"patience": 3, "lr_divisor": 5}
+
+
+def test_legacy_full_config_is_valid_and_kept(tmp_path):
+    assert load_train_config(write_config(tmp_path, LEGACY_FULL)) == LEGACY_FULL
+
+
+def test_empty_config_gives_the_defaults(tmp_path):
+    assert load_train_config(write_config(tmp_path, {})) == TRAIN_DEFAULTS
+
+
+def test_defaults_have_every_schema_key():
+    validate(TRAIN_DEFAULTS, "train_config", "defaults")
+    assert TRAIN_DEFAULTS["lr"] == 0.001 and TRAIN_DEFAULTS["input_size"] == {"width": 256, "height": 256}
+
+
+def test_merge_is_recursive_and_leaves_inputs_alone():
+    defaults = {"a": {"x": 1, "y": {"deep": 1, "keep": 2}}, "l": [1, 2], "s": 1}
+    user = {"a": {"y": {"deep": 5}}, "l": [9], "new": {"k": 1}}
+    defaults_before, user_before = copy.deepcopy(defaults), copy.deepcopy(user)
+    merged = merge_defaults(defaults, user)
+    assert merged == {"a": {"x": 1, "y": {"deep": 5, "keep": 2}}, "l": [9], "s": 1, "new": {"k": 1}}
+    assert defaults == defaults_before and user == user_before
+    merged["a"]["x"] = 100
+    merged["new"]["k"] = 100
+    merged["l"].append(0)
+    assert defaults == defaults_before and user == user_before
+
+
+def test_scalar_where_a_section_is_expected_is_a_schema_error(tmp_path):
+    path = write_config(tmp_path, {"input_size": 256})
+    with pytest.raises(TaskError) as info:
+        load_train_config(path)
+    assert problems(info.value) == ["input_size: 256 is not of type 'object'"]
+
+
+@pytest.mark.parametrize(
+    "user, expected",
+    [
+        ({"input_size": {"width": 250}}, "input_size.width: 250 is not a multiple of 16"),
+        ({"input_size": {"height": 0}}, "input_size.height: 0 is less than the minimum of 16"),
+        ({"batch_size": {"train": 0}}, "batch_size.train: 0 is less than the minimum of 1"),
+        ({"data_workers": {"val": -1}}, "data_workers.val: -1 is less than the minimum of 0"),
+        ({"allow_corrupted_samples": {"train": 1.5}}, "allow_corrupted_samples.train: 1.5 is not of type 'integer'"),
+        ({"dataset_tags": {"val": ""}}, "dataset_tags.val: '' must not be empty"),
+        ({"epochs": "ten"}, "epochs: 'ten' is not of type 'integer'"),
+        ({"epochs": True}, "epochs: True is not of type 'integer'"),
+        ({"lr": True}, "lr: True is not of type 'number'"),
+        ({"lr": 0}, "lr: 0 must be greater than 0"),
+        ({"val_every": -0.5}, "val_every: -0.5 must be greater than 0"),
+        ({"momentum": -0.1}, "momentum: -0.1 is less than the minimum of 0"),
+        ({"lr_decreasing": {"patience": 0}}, "lr_decreasing.patience: 0 is less than the minimum of 1"),
+        ({"lr_decreasing": {"lr_divisor": 0.5}}, "lr_decreasing.lr_divisor: 0.5 is less than the minimum of 1"),
+        ({"lr_decreasing": {"patiance": 2}}, "lr_decreasing.patiance: unknown key (did you mean 'patience'?)"),
+        ({"loss_weights": {"dice": -1}}, "loss_weights.dice: -1 is less than the minimum of 0"),
+        ({"validate_with_model_eval": "yes"}, "validate_with_model_eval: 'yes' is not of type 'boolean'"),
+        (
+            {"weights_init_type": "scratch"},
+            "weights_init_type: 'scratch' is not one of ['transfer_learning', 'continue_training']",
+        ),
+        ({"gpu_devices": []}, "gpu_devices: [] must not be empty"),
+        ({"gpu_devices": [1, 1]}, "gpu_devices: [1, 1] has non-unique elements"),
+        ({"gpu_devices": [0, -1]}, "gpu_devices[1]: -1 is less than the minimum of 0"),
+        ({"gpu_devices": 0}, "gpu_devices: 0 is not of type 'array'"),
+        (
+            {"special_classes": {"neutral": "bg"}},
+            "special_classes: background and neutral must be different classes (both are 'bg')",
+        ),
+        ({"loss_weights": {"bce": 0, "dice": 0.0}}, "loss_weights: bce and dice cannot both be 0"),
+    ],
+)
+def test_each_error_names_its_path(tmp_path, user, expected):
+    path = write_config(tmp_path, user)
+    with pytest.raises(TaskError) as info:
+        load_train_config(path)
+    assert info.value.where == str(path)
+    assert problems(info.value) == [expected]
+    assert str(info.value).startswith(f"{path}: invalid config (1 problem):\n")
+
+
+def test_unknown_top_level_key_lists_the_allowed_ones(tmp_path):
+    with pytest.raises(TaskError) as info:
+        load_train_config(write_config(tmp_path, {"zzz": 1}))
+    [line] = problems(info.value)
+    assert line.startswith("zzz: unknown key (allowed: allow_corrupted_samples, batch_size, ")
+
+
+def test_all_errors_at_once_sorted_by_path(tmp_path):
+    user = {
+        "lr_decreasing": {"patiance": 2},
+        "epochs": 0,
+        "input_size": {"width": 250, "height": 100},
+        "special_classes": {"background": "x", "neutral": "x"},
+        "gpu_devices": ["0"],
+    }
+    with pytest.raises(TaskError) as info:
+        load_train_config(write_config(tmp_path, user))
+    assert info.value.message.splitlines()[0] == "invalid config (6 problems):"
+    assert problems(info.value) == [
+        "epochs: 0 is less than the minimum of 1",
+        "gpu_devices[0]: '0' is not of type 'integer'",
+        "input_size.height: 100 is not a multiple of 16",
+        "input_size.width: 250 is not a multiple of 16",
+        "lr_decreasing.patiance: unknown key (did you mean 'patience'?)",
+        "special_classes: background and neutral must be different classes (both are 'x')",
+    ]
+
+
+def test_validate_reports_missing_keys():
+    with pytest.raises(TaskError) as info:
+        validate({"epochs": 1, "input_size": {"width": 16}}, "train_config", "cfg")
+    lines = problems(info.value)
+    assert info.value.where == "cfg"
+    assert "input_size.height: missing required key" in lines
+    assert "lr: missing required key" in lines
+    assert len(lines) == 13 + 1  # 13 of the 15 top-level keys are absent, and the height
+
+
+def test_integral_floats_become_ints(tmp_path):
+    config = load_train_config(write_config(tmp_path, {"epochs": 3.0, "gpu_devices": [1.0], "lr": 1.0}))
+    assert config["epochs"] == 3 and type(config["epochs"]) is int
+    assert config["gpu_devices"] == [1] and type(config["gpu_devices"][0]) is int
+    assert type(config["lr"]) is float
+
+
+def test_schema_is_strict_and_documented():
+    schema = json.loads(resources.files("schemas").joinpath("train_config.schema.json").read_text())
+    Draft7Validator.check_schema(schema)
+    assert set(schema["properties"]) == set(TRAIN_DEFAULTS)
+
+    def walk(node: dict, path: str) -> None:
+        if node.get("type") == "object":
+            assert node["additionalProperties"] is False, path
+            assert sorted(node["required"]) == sorted(node["properties"]), path
+        for key, child in node.get("properties", {}).items():
+            assert child.get("description"), f"{path}.{key} has no description"
+            walk(child, f"{path}.{key}")
+
+    walk(schema, "")
+    assert "unused" in schema["properties"]["momentum"]["description"]
+
+
+def test_read_json_missing_file(tmp_path):
+    path = tmp_path / "task_config.json"
+    with pytest.raises(TaskError) as info:
+        read_json(path)
+    assert str(info.value) == f"{path}: file not found"
+
+
+def test_read_json_bad_json_gives_line_and_column(tmp_path):
+    path = tmp_path / "task_config.json"
+    path.write_text('{\n  "lr": 0.1,\n}\n')
+    with pytest.raises(TaskError) as info:
+        read_json(path)
+    assert info.value.where == str(path)
+    assert info.value.message == "not valid JSON: Expecting property name enclosed in double quotes at line 3, column 1"
+
+
+def test_read_json_rejects_nan(tmp_path):
+    path = tmp_path / "task_config.json"
+    path.write_text('{"lr": NaN}')
+    with pytest.raises(TaskError, match="NaN is not allowed in JSON") as info:
+        read_json(path)
+    assert info.value.where == str(path)
+
+
+def test_read_json_top_level_must_be_an_object(tmp_path):
+    path = tmp_path / "task_config.json"
+    path.write_text("[1, 2]")
+    with pytest.raises(TaskError) as info:
+        read_json(path)
+    assert str(info.value) == f"{path}: expected a JSON object at the top level, found an array"
+
+
+def test_read_json_directory_and_bom(tmp_path):
+    with pytest.raises(TaskError, match="found a directory"):
+        read_json(tmp_path)
+    path = tmp_path / "bom.json"
+    path.write_bytes(b'\xef\xbb\xbf{"epochs": 2}')
+    assert read_json(path) == {"epochs": 2}
