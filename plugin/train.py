@@ -107,7 +107,7 @@ def train_task(task: TaskDir) -> TrainSummary:
     }
 
     model = build_model(mapping.num_classes)
-    apply_initial_weights(model, initial_weights, config["weights_init_type"])
+    apply_initial_weights(model, initial_weights, config["weights_init_type"], task.model_dir / WEIGHTS_NAME)
     writer = CheckpointWriter(task.results_dir, task.tmp_dir / "checkpoints")
     return fit(model, loaders, config, mapping, plan, writer)
 
@@ -133,14 +133,16 @@ def read_initial_weights(model_dir: Path, init_type: str, mapping: ClassMapping)
     return load_state_dict(weights_path)
 
 
-def apply_initial_weights(model: nn.Module, state_dict: dict[str, torch.Tensor] | None, init_type: str) -> None:
+def apply_initial_weights(
+    model: nn.Module, state_dict: dict[str, torch.Tensor] | None, init_type: str, where: Path
+) -> None:
     if state_dict is None:
         return
     if init_type == "continue_training":
-        load_continue(model, state_dict)
+        load_continue(model, state_dict, where=where)
         log.info("continue_training: every weight of the model was loaded")
     else:
-        loaded = load_transfer(model, state_dict)
+        loaded = load_transfer(model, state_dict, where=where)
         log.info(
             f"transfer_learning: loaded {len(loaded)} weight tensors; last_conv starts from a random initialisation",
             extra={"loaded_tensors": len(loaded)},

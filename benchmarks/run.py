@@ -1,0 +1,146 @@
+"""`make bench`: the performance targets of the train issue, printed as ratios with how to reproduce them.
+
+1. Mask rasterization rate (annotations/s) on images up to 1,200 px with up to 12 objects; target >= 2,000/s.
+2. Data loader sample rate against the rate one training step consumes samples (256x256, batch 12,
+   CPU); target ratio >= 10.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from plugin.classes import NEUTRAL_INDEX, build_mapping
+from plugin.data import CorruptionBudget, SegmentationDataset, make_loader, prepare_masks
+from plugin.geometry import encode_bitmap
+from plugin.losses import segmentation_loss
+from plugin.masks import rasterize
+from plugin.model import build_model
+from plugin.project import list_items, read_annotation, read_meta
+
+CLASSES = [
+    {"title": "poly", "shape": "polygon", "color": "#FF0000"},
+    {"title": "rect", "shape": "rectangle", "color": "#00FF00"},
+    {"title": "mask", "shape": "bitmap", "color": "#0000FF"},
+    {"title": "neutral", "shape": "polygon", "color": "#FFFF00"},
+]
+
+
+def _objects(rng: np.random.Generator, width: int, height: int, count: int) -> list[dict]:
+    objects = []
+    for k in range(count):
+        kind = ("poly", "rect", "mask", "neutral")[k % 4]
+        x, y = rng.uniform(-0.1, 0.9) * width, rng.uniform(-0.1, 0.9) * height
+        w, h = rng.uniform(0.05, 0.4) * width, rng.uniform(0.05, 0.4) * height
+        if kind == "rect":
+            points = {"exterior": [[int(x), int(y)], [int(x + w), int(y + h)]], "interior": []}
+            objects.append({"classTitle": kind, "tags": [], "geometryType": "rectangle", "points": points})
+        elif kind == "mask":
+            mask = np.zeros((int(h) + 1, int(w) + 1), np.uint8)
+            cv2.ellipse(mask, (int(w / 2), int(h / 2)), (int(w / 2), int(h / 2)), 0, 0, 360, 1, -1)
+            bitmap = encode_bitmap(mask.astype(bool), (int(x), int(y)))
+            objects.append({"classTitle": kind, "tags": [], "geometryType": "bitmap", "bitmap": bitmap})
+        else:
+            angles = np.sort(rng.uniform(0, 2 * np.pi, 24))
+            radius = rng.uniform(0.5, 1.0, 24)
+            exterior = [[x + w * r * np.cos(a), y + h * r * np.sin(a)] for a, r in zip(angles, radius)]
+            hole = [[x + 0.2 * w * np.cos(a), y + 0.2 * h * np.sin(a)] for a in angles[::3]]
+            points = {"exterior": exterior, "interior": [hole]}
+            objects.append({"classTitle": kind, "tags": [], "geometryType": "polygon", "points": points})
+    return objects
+
+
+def make_bench_project(root: Path, images: int, seed: int = 0) -> Path:
+    """Images of 600..1200 px per side, 1..12 objects each, half tagged train and half val."""
+    rng = np.random.default_rng(seed)
+    (root / "ds" / "img").mkdir(parents=True)
+    (root / "ds" / "ann").mkdir(parents=True)
+    (root / "meta.json").write_text(json.dumps({"classes": CLASSES, "tags": []}))
+    for i in range(images):
+        width, height = (int(v) for v in rng.integers(600, 1201, 2))
+        image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        image = cv2.GaussianBlur(image, (0, 0), 3)
+        name = f"im_{i:03d}.jpg"
+        cv2.imwrite(str(root / "ds" / "img" / name), image)
+        ann = {
+            "size": {"height": height, "width": width},
+            "tags": [{"name": "train" if i % 2 == 0 else "val", "value": None}],
+            "objects": _objects(rng, width, height, int(rng.integers(1, 13))),
+        }
+        (root / "ds" / "ann" / f"{name}.json").write_text(json.dumps(ann))
+    return root
+
+
+def bench_rasterize(project: Path, repeats: int) -> float:
+    meta = read_meta(project)
+    mapping = build_mapping(meta, "bg", "neutral")
+    anns = [read_annotation(item.ann_path, meta) for item in list_items(project)]
+    start = time.perf_counter()
+    for _ in range(repeats):
+        for ann in anns:
+            rasterize(ann, mapping)
+    rate = repeats * len(anns) / (time.perf_counter() - start)
+    print(f"rasterize: {rate:,.0f} annotations/s over {len(anns)} annotations x {repeats} "
+          f"(ratio to the 2,000/s target: {rate / 2000:.1f}x)")
+    return rate
+
+
+def bench_loader_vs_step(project: Path, size: int, batch: int, workers: int, steps: int) -> float:
+    meta = read_meta(project)
+    mapping = build_mapping(meta, "bg", "neutral")
+    items = list_items(project)
+    budget = CorruptionBudget.create("train", 0)
+    kept, masks = prepare_masks(items, meta, mapping, (size, size), budget)
+    loader = make_loader(SegmentationDataset(kept, masks, (size, size), budget), batch, workers, shuffle=True)
+
+    seen, start = 0, time.perf_counter()
+    for _epoch in range(2):
+        for images, _targets in loader:
+            seen += len(images)
+    load_rate = seen / (time.perf_counter() - start)
+
+    model = build_model(mapping.num_classes)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    images, targets = next(iter(loader))
+    model.train()
+    timings = []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        loss = segmentation_loss(model(images), targets, mapping.num_classes, NEUTRAL_INDEX, 1.0, 1.0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        timings.append(time.perf_counter() - start)
+    step_rate = batch / float(np.median(timings[1:]))  # the first step warms up the allocator
+    ratio = load_rate / step_rate
+    print(f"loader: {load_rate:.1f} samples/s ({workers} workers, {len(kept)} images of 600-1200 px, {size}x{size}, batch {batch}); "
+          f"training step: {step_rate:.2f} samples/s -> ratio {ratio:.1f}x (target >= 10x)")
+    return ratio
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=48)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=12)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=2)
+    args = parser.parse_args()
+    print(f"reproduce: .venv/bin/python -m benchmarks.run --images {args.images} --repeats {args.repeats} "
+          f"--size {args.size} --batch {args.batch} --workers {args.workers} --steps {args.steps}  (or: make bench)")
+    with tempfile.TemporaryDirectory() as tmp:
+        project = make_bench_project(Path(tmp) / "bench", args.images)
+        bench_rasterize(project, args.repeats)
+        bench_loader_vs_step(project, args.size, args.batch, args.workers, args.steps)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""Annotation -> class-index mask (uint8: background 0, classes 1..N, neutral 255), and the `masks` command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from plugin.classes import ClassMapping, build_mapping
+from plugin.geometry import draw
+from plugin.project import Annotation, list_items, read_annotation, read_meta
+
+
+def rasterize(ann: Annotation, mapping: ClassMapping) -> np.ndarray:
+    """uint8 (H, W) of the annotation's size; objects are drawn in JSON order, a later one overwrites."""
+    mask = np.zeros((ann.height, ann.width), np.uint8)
+    for label in ann.labels:
+        draw(mask, label.geometry, mapping.index_of(label.class_title))
+    return mask
+
+
+def write_masks(project_dir: Path, out_dir: Path, background: str, neutral: str) -> int:
+    """OUT/<dataset>/<image file name>.png for every image, plus OUT/class_title_to_idx.json (neutral
+    included); returns the number of masks written."""
+    project_dir, out_dir = Path(project_dir), Path(out_dir)
+    meta = read_meta(project_dir)
+    mapping = build_mapping(meta, background, neutral)
+    items = list_items(project_dir)
+    for item in items:
+        mask = rasterize(read_annotation(item.ann_path, meta), mapping)
+        target = out_dir / item.dataset / f"{item.name}.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(cv2.imencode(".png", mask)[1].tobytes())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "class_title_to_idx.json").write_text(json.dumps(mapping.with_neutral(), indent=4))
+    return len(items)

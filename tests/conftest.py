@@ -1,0 +1,71 @@
+"""Shared fixtures: real task dirs on disk, and a runner for the train container's command."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from plugin.synthetic import make_project
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+ISBI = SHARED / "data" / "isbi2012-membranes"
+
+TINY_CONFIG = {
+    "input_size": {"width": 64, "height": 64},
+    "batch_size": {"train": 2, "val": 2},
+    "data_workers": {"train": 0, "val": 0},
+    "epochs": 1,
+    "val_every": 1,
+    "lr": 0.001,
+    "gpu_devices": [0],
+}
+
+
+@dataclass
+class Run:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def lines(self) -> list[dict]:
+        """Every stdout line, parsed: the agent reads each one as JSON."""
+        return [json.loads(line) for line in self.stdout.splitlines() if line.strip()]
+
+    def events(self, name: str) -> list[dict]:
+        return [line for line in self.lines if line.get("event_type") == f"EventType.{name}"]
+
+
+def run_entrypoint(module: str, task_dir: Path, *args: str) -> Run:
+    """Run `python -m <module> --task-dir DIR` as the container would, with JSON logs on stdout."""
+    env = {k: v for k, v in os.environ.items() if k != "SLY_TASK_DIR"}
+    proc = subprocess.run(
+        [sys.executable, "-m", module, "--task-dir", str(task_dir), "--log-format", "json", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    return Run(proc.returncode, proc.stdout, proc.stderr)
+
+
+def make_task(root: Path, config: dict | None = None, n_train: int = 4, n_val: int = 2, size: int = 64) -> Path:
+    """A task dir with a synthetic project (rings, blobs, boxes, neutral) and a train config."""
+    make_project(root / "data" / "shapes", n_train=n_train, n_val=n_val, size=size, seed=1)
+    (root / "task_config.json").write_text(json.dumps(TINY_CONFIG if config is None else config, indent=4))
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained_task(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Run]:
+    """One tiny full training run (64x64, 1 epoch), shared by the tests that inspect its outputs."""
+    root = make_task(tmp_path_factory.mktemp("trained") / "task")
+    return root, run_entrypoint("entrypoints.train", root)

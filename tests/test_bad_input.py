@@ -1,0 +1,142 @@
+"""Bad task dirs: a clear error naming the file or key, exit 1, one crash line, and no checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import pytest
+
+from tests.conftest import TINY_CONFIG, make_task, run_entrypoint
+
+
+def first_ann(task: Path) -> Path:
+    return sorted((task / "data" / "shapes").glob("*/ann/*.json"))[0]
+
+
+def image_of(ann: Path) -> Path:
+    return ann.parent.parent / "img" / ann.name[: -len(".json")]
+
+
+def edit_ann(task: Path, change) -> Path:
+    ann = first_ann(task)
+    data = json.loads(ann.read_text())
+    change(data)
+    ann.write_text(json.dumps(data))
+    return ann
+
+
+def no_config(task: Path) -> str:
+    (task / "task_config.json").unlink()
+    return "task_config.json"
+
+
+def broken_json(task: Path) -> str:
+    (task / "task_config.json").write_text('{"epochs": 2,, }')
+    return "task_config.json"
+
+
+def schema_violation(task: Path) -> str:
+    (task / "task_config.json").write_text(json.dumps(dict(TINY_CONFIG, input_size={"width": 250, "height": 64})))
+    return "input_size.width: 250 is not a multiple of 16"
+
+
+def no_project(task: Path) -> str:
+    for path in sorted((task / "data").rglob("*"), reverse=True):
+        path.unlink() if path.is_file() else path.rmdir()
+    return "data"
+
+
+def no_val_tag(task: Path) -> str:
+    for ann in (task / "data" / "shapes").glob("*/ann/*.json"):
+        data = json.loads(ann.read_text())
+        data["tags"] = [{"name": "train", "value": None}]
+        ann.write_text(json.dumps(data))
+    return "'val'"
+
+
+def image_without_annotation(task: Path) -> str:
+    ann = first_ann(task)
+    ann.unlink()
+    return image_of(ann).name
+
+
+def annotation_without_image(task: Path) -> str:
+    ann = first_ann(task)
+    image_of(ann).unlink()
+    return ann.name
+
+
+def unreadable_image(task: Path) -> str:
+    image = image_of(first_ann(task))
+    image.write_bytes(b"this is not an image")
+    return image.name
+
+
+def size_mismatch(task: Path) -> str:
+    return edit_ann(task, lambda d: d.update(size={"height": 50, "width": 64})).name
+
+
+def unknown_class(task: Path) -> str:
+    ann = edit_ann(task, lambda d: d["objects"].append(dict(d["objects"][0], classTitle="zebra")))
+    return ann.name
+
+
+def malformed_geometry(task: Path) -> str:
+    def change(data: dict) -> None:
+        data["objects"].append({"classTitle": "box", "tags": [], "points": {"exterior": [[1, 2]], "interior": []}})
+
+    return edit_ann(task, change).name
+
+
+CASES = [
+    no_config,
+    broken_json,
+    schema_violation,
+    no_project,
+    no_val_tag,
+    image_without_annotation,
+    annotation_without_image,
+    unreadable_image,
+    size_mismatch,
+    unknown_class,
+    malformed_geometry,
+]
+
+
+@pytest.mark.parametrize("break_task", CASES, ids=[c.__name__ for c in CASES])
+def test_bad_input_fails_clearly(tmp_path, break_task):
+    task = make_task(tmp_path / "task")
+    (task / "results").mkdir()
+    expected = break_task(task)
+    run = run_entrypoint("entrypoints.train", task)
+    assert run.returncode == 1, run.stdout[-2000:]
+    crashes = run.events("TASK_CRASHED")
+    assert len(crashes) == 1
+    crash = crashes[0]
+    assert crash["level"] == "fatal" and crash["main_name"] == "UNET_V2_TRAIN"
+    assert expected in crash["message"], crash["message"]
+    assert isinstance(crash["stack"], list) and crash["stack"]
+    assert list((task / "results").iterdir()) == []
+
+
+def test_missing_task_dir_names_the_mount(tmp_path):
+    run = run_entrypoint("entrypoints.train", tmp_path / "nowhere")
+    assert run.returncode == 1
+    assert "nowhere" in run.events("TASK_CRASHED")[0]["message"]
+
+
+def test_corrupted_images_are_skipped_within_the_budget(tmp_path):
+    task = make_task(tmp_path / "task", dict(TINY_CONFIG, allow_corrupted_samples={"train": 1, "val": 0}))
+    train_ann = next(
+        a for a in sorted((task / "data" / "shapes").glob("*/ann/*.json")) if '"train"' in a.read_text()
+    )
+    image = image_of(train_ann)
+    image.write_bytes(b"garbage")
+    run = run_entrypoint("entrypoints.train", task)
+    assert run.returncode == 0, run.stderr[-3000:]
+    warnings = [line for line in run.lines if line["level"] == "warn" and image.name in json.dumps(line)]
+    assert len(warnings) == 1
+    assert (task / "results" / "00000000" / "model.pt").is_file()
+    assert cv2.imread(str(image)) is None  # still the broken file: nothing was rewritten

@@ -1,0 +1,157 @@
+"""The train entrypoint end to end on real task dirs, and the loop's planning arithmetic."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from plugin.train import EvalPlanner, LrPolicy
+from tests.conftest import ISBI, TINY_CONFIG, make_task, run_entrypoint
+
+TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
+
+def planned_epochs(val_every: float, iters: int, epochs: int) -> list[float]:
+    planner = EvalPlanner(val_every, iters, epochs)
+    return [
+        round(e + (i + 1) / iters, 3) for e in range(epochs) for i in range(iters) if planner.due(e, i)
+    ]
+
+
+def test_planner_matches_the_legacy_example():
+    # agent-protocol.md: 7 iterations/epoch, val_every 0.5, 2 epochs -> 0.571, 1.0, 1.571, 2.0
+    assert planned_epochs(0.5, 7, 2) == [0.571, 1.0, 1.571, 2.0]
+
+
+def test_planner_always_ends_with_a_validation():
+    assert planned_epochs(0.7, 4, 2) == [0.75, 1.5, 2.0]  # 2 / 0.7 is not whole: the legacy loop never saved 2.0
+    assert planned_epochs(5, 3, 2) == [2.0]  # val_every > epochs: legacy made no checkpoint at all
+    assert planned_epochs(1, 1, 3) == [1.0, 2.0, 3.0]
+
+
+def test_planner_validates_at_most_once_per_iteration():
+    # val_every smaller than one iteration: legacy arithmetic, one validation per iteration.
+    assert planned_epochs(0.1, 2, 1) == [0.5, 1.0]
+
+
+def test_lr_policy_divides_after_patience_validations_without_improvement():
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.Adam([param], lr=1.0)
+    policy = LrPolicy(patience=2, divisor=4)
+    lowered = [policy.step(loss, optimizer) for loss in (1.0, 0.9, 0.95, 0.92, 0.99, 0.98, 0.97)]
+    # The legacy arithmetic: more than `patience` validations since the last reset, and none of the
+    # last `patience` losses is the best so far.
+    assert lowered == [False, False, False, True, False, False, True]
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1 / 16)
+
+
+def test_full_run_writes_checkpoints_and_agent_log(trained_task):
+    root, run = trained_task
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.lines  # every stdout line is JSON
+    for line in lines:
+        assert isinstance(line["message"], str)
+        assert line["level"] in {"debug", "info", "warn", "error", "fatal"}
+        assert TIMESTAMP.match(line["timestamp"]), line["timestamp"]
+
+    progress = [p for p in run.events("PROGRESS") if p["subtask"] == "Model training: "]
+    assert progress[0]["current"] == 0 and progress[-1]["current"] == progress[-1]["total"] == 2  # 4 images / batch 2
+
+    train_metrics = [m for m in run.events("METRICS") if m["type"] == "train"]
+    assert [m["epoch"] for m in train_metrics] == [0.5, 1.0]
+    assert all(isinstance(m["metrics"]["loss"], float) for m in train_metrics)
+    val = [m for m in run.events("METRICS") if m["type"] == "val"]
+    assert len(val) == 1 and val[0]["epoch"] == 1.0
+    assert {"loss", "accuracy", "mean_iou"} <= set(val[0]["metrics"])
+
+    checkpoints = run.events("CHECKPOINT")
+    assert [c["id"] for c in checkpoints] == [0] and checkpoints[0]["subdir"] == "00000000"
+    assert checkpoints[0]["best_now"] is True
+    assert checkpoints[0]["optional"]["epoch"] == 1.0
+    assert checkpoints[0]["optional"]["val_metrics"]["loss"] == val[0]["metrics"]["loss"]
+
+    folder = root / "results" / "00000000"
+    assert sorted(p.name for p in (root / "results").iterdir()) == ["00000000"]
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.pt"]
+    assert checkpoints[0]["sizeb"] == sum(p.stat().st_size for p in folder.iterdir())
+    assert (root / "tmp" / "train_log.jsonl").is_file()
+
+
+def test_checkpoint_config_keeps_the_legacy_shape(trained_task):
+    root, run = trained_task
+    config = json.loads((root / "results" / "00000000" / "config.json").read_text())
+    assert set(config) == {"settings", "out_classes", "class_title_to_idx"}
+    assert config["class_title_to_idx"] == {"bg": 0, "blob": 1, "box": 2, "ring": 3}  # neutral stays out
+    assert [c["title"] for c in config["out_classes"]] == ["ring", "blob", "box", "bg"]
+    assert all(c["shape"] == "bitmap" for c in config["out_classes"])
+    assert config["settings"]["input_size"] == TINY_CONFIG["input_size"]
+    assert config["settings"]["lr_decreasing"]["patience"] >= 1  # merged defaults are saved in full
+
+    state = torch.load(root / "results" / "00000000" / "model.pt", weights_only=True)
+    assert all(k.startswith("module.") for k in state)  # legacy DataParallel names
+    assert state["module.last_conv.weight"].shape == (4, 64, 1, 1)
+
+
+def test_continue_training_from_a_checkpoint(trained_task, tmp_path):
+    root, _ = trained_task
+    config = dict(TINY_CONFIG, weights_init_type="continue_training")
+    task = make_task(tmp_path / "task", config)
+    shutil.copytree(root / "results" / "00000000", task / "model")
+    run = run_entrypoint("entrypoints.train", task)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert any("every weight of the model was loaded" in line["message"] for line in run.lines)
+    assert (task / "results" / "00000000" / "model.pt").is_file()
+
+
+def test_continue_training_refuses_a_different_class_mapping(trained_task, tmp_path):
+    root, _ = trained_task
+    config = dict(TINY_CONFIG, weights_init_type="continue_training")
+    task = make_task(tmp_path / "task", config)
+    shutil.copytree(root / "results" / "00000000", task / "model")
+    saved = json.loads((task / "model" / "config.json").read_text())
+    saved["class_title_to_idx"] = {"bg": 0, "blob": 1, "box": 2, "cell": 3}
+    (task / "model" / "config.json").write_text(json.dumps(saved))
+    run = run_entrypoint("entrypoints.train", task)
+    assert run.returncode == 1
+    crash = run.events("TASK_CRASHED")[0]
+    assert "cell" in crash["message"] and "ring" in crash["message"]
+    assert not (task / "results").exists() or not any((task / "results").iterdir())
+
+
+def test_transfer_learning_from_a_checkpoint_of_other_classes(trained_task, tmp_path):
+    root, _ = trained_task
+    task = make_task(tmp_path / "task")
+    shutil.copytree(root / "results" / "00000000", task / "model")
+    meta = json.loads((task / "data" / "shapes" / "meta.json").read_text())
+    meta["classes"] = [c for c in meta["classes"] if c["title"] != "box"]
+    (task / "data" / "shapes" / "meta.json").write_text(json.dumps(meta))
+    for ann in (task / "data" / "shapes").glob("*/ann/*.json"):
+        data = json.loads(ann.read_text())
+        data["objects"] = [o for o in data["objects"] if o["classTitle"] != "box"]
+        ann.write_text(json.dumps(data))
+    run = run_entrypoint("entrypoints.train", task)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert any("transfer_learning: loaded" in line["message"] for line in run.lines)
+    state = torch.load(task / "results" / "00000000" / "model.pt", weights_only=True)
+    assert state["module.last_conv.weight"].shape == (3, 64, 1, 1)
+
+
+@pytest.mark.skipif(not ISBI.is_dir(), reason="../shared/data/isbi2012-membranes is not beside the repo")
+def test_a_few_iterations_on_the_isbi_membranes(tmp_path):
+    task = tmp_path / "task"
+    (task / "data").mkdir(parents=True)
+    (task / "data" / "isbi").symlink_to(ISBI, target_is_directory=True)
+    config = dict(TINY_CONFIG, batch_size={"train": 6, "val": 6}, val_every=1)
+    (task / "task_config.json").write_text(json.dumps(config))
+    run = run_entrypoint("entrypoints.train", task)
+    assert run.returncode == 0, run.stderr[-3000:]
+    val = [m for m in run.events("METRICS") if m["type"] == "val"][0]["metrics"]
+    assert set(val) >= {"loss", "accuracy", "dice", "iou/bg", "iou/membrane", "mean_iou"}
+    train_progress = [p for p in run.events("PROGRESS") if p["subtask"] == "Model training: "]
+    assert train_progress[-1]["total"] == 3  # 18 train slices / batch 6
+    assert [c["subdir"] for c in run.events("CHECKPOINT")] == ["00000000"]
