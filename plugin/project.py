@@ -6,7 +6,6 @@ without tags, tags as bare strings, and meta.json with img_tags/obj_tags instead
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ import cv2
 import numpy as np
 
 from plugin.errors import TaskError
+from plugin.jsonfile import read_json
 from plugin.geometry import Geometry, crop_to_image, object_shape, parse_geometry
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ def find_project(data_dir: Path) -> Path:
 
 def read_meta(project_dir: Path) -> ProjectMeta:
     path = Path(project_dir) / "meta.json"
-    raw = _read_json(path)
+    raw = read_json(path)
     classes_json = raw.get("classes", [])
     if not isinstance(classes_json, list):
         raise TaskError("'classes' must be a list", where=path)
@@ -131,7 +131,7 @@ def list_items(project_dir: Path) -> list[Item]:
 def read_annotation(path: Path, meta: ProjectMeta) -> Annotation:
     """The annotation with its objects parsed and cropped to `size`; unknown classes and malformed
     objects are errors naming the file and the object, types masks do not draw are skipped."""
-    doc = _read_json(path)
+    doc = read_json(path)
     size = doc.get("size")
     height = size.get("height") if isinstance(size, dict) else None
     width = size.get("width") if isinstance(size, dict) else None
@@ -158,7 +158,7 @@ def read_annotation(path: Path, meta: ProjectMeta) -> Annotation:
 
 def read_image_tags(path: Path) -> set[str]:
     """Only the image tag names of an annotation file (its objects are not parsed)."""
-    return _tag_names(_read_json(path), path)
+    return _tag_names(read_json(path), path)
 
 
 def read_image(path: Path) -> np.ndarray:
@@ -172,22 +172,6 @@ def read_image(path: Path) -> np.ndarray:
     if image is None:
         raise TaskError("the image cannot be decoded (corrupt or unsupported format)", where=path)
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise TaskError("the file does not exist", where=path) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise TaskError(f"the file cannot be read as UTF-8 text: {exc}", where=path) from None
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise TaskError(f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}", where=path) from None
-    if not isinstance(doc, dict):
-        raise TaskError("the JSON must be an object", where=path)
-    return doc
 
 
 def _meta_tags(raw: dict, path: Path) -> list[dict]:

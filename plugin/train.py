@@ -18,10 +18,11 @@ from torch.utils.data import DataLoader
 from plugin import agent_log
 from plugin.checkpoints import CONFIG_NAME, WEIGHTS_NAME, CheckpointWriter, checkpoint_config
 from plugin.classes import NEUTRAL_INDEX, ClassMapping, build_mapping, check_continue_training
-from plugin.config import load_train_config, read_json
+from plugin.config import load_train_config
 from plugin.data import CorruptionBudget, SegmentationDataset, make_loader, prepare_masks, split_items
 from plugin.devices import DevicePlan, plan_devices
 from plugin.errors import TaskError
+from plugin.jsonfile import read_json
 from plugin.losses import segmentation_loss
 from plugin.metrics import confusion_matrix, summarize
 from plugin.model import build_model

@@ -116,8 +116,8 @@ def test_read_meta_old_tag_sections(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("meta_text", "message"),
     [
-        ('{"classes": [', "not valid JSON: .* line 1 column 14"),
-        ('[]', "must be an object"),
+        ('{"classes": [', "not valid JSON: .* line 1, column 14"),
+        ('[]', "expected a JSON object at the top level, found an array"),
         ('{"classes": [{"title": "a", "shape": "polygon"}]}', "color"),
         ('{"classes": [{"title": "a", "shape": "polygon", "color": "#000000"},'
          ' {"title": "a", "shape": "bitmap", "color": "#000000"}]}', "appears twice"),
