@@ -39,4 +39,6 @@ def plan_devices(gpu_devices: list[int]) -> DevicePlan:
             f"devices {missing} do not exist: this machine has {available} CUDA device(s), numbered 0..{available - 1}",
             where="gpu_devices",
         )
+    names = ", ".join(f"cuda:{d} ({torch.cuda.get_device_name(d)})" for d in gpu_devices)
+    log.info(f"training on {names}", extra={"gpu_devices": gpu_devices})
     return DevicePlan(torch.device("cuda", gpu_devices[0]), tuple(gpu_devices))

@@ -10,7 +10,7 @@ import numpy as np
 
 from plugin.classes import ClassMapping, build_mapping
 from plugin.geometry import draw
-from plugin.project import Annotation, list_items, read_annotation, read_meta
+from plugin.project import Annotation, find_project, list_items, read_annotation, read_meta
 
 
 def rasterize(ann: Annotation, mapping: ClassMapping) -> np.ndarray:
@@ -23,8 +23,8 @@ def rasterize(ann: Annotation, mapping: ClassMapping) -> np.ndarray:
 
 def write_masks(project_dir: Path, out_dir: Path, background: str, neutral: str) -> int:
     """OUT/<dataset>/<image file name>.png for every image, plus OUT/class_title_to_idx.json (neutral
-    included); returns the number of masks written."""
-    project_dir, out_dir = Path(project_dir), Path(out_dir)
+    included); returns the number of masks written. project_dir may also be a folder holding one project."""
+    project_dir, out_dir = find_project(Path(project_dir)), Path(out_dir)
     meta = read_meta(project_dir)
     mapping = build_mapping(meta, background, neutral)
     items = list_items(project_dir)
