@@ -89,7 +89,8 @@ def test_transfer_into_a_data_parallel_wrapper(legacy3_file: Path, model2: UNetV
     sd = load_state_dict(legacy3_file)
     names = load_transfer(nn.DataParallel(model2), sd)
     assert "encoder_blocks.0.0.weight" in names
-    assert torch.equal(model2.bottle.conv.weight, sd["module.bottle.conv.weight"])
+    # DataParallel moves the model to cuda:0 where CUDA exists.
+    assert torch.equal(model2.bottle.conv.weight.cpu(), sd["module.bottle.conv.weight"])
 
 
 def test_strip_module_prefix() -> None:
