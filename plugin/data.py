@@ -187,14 +187,17 @@ class SegmentationDataset(Dataset):
 
 
 def _limit_worker_threads(_worker_id: int) -> None:
-    # Each loader worker is one process per core already; letting OpenCV and torch spawn their own
-    # thread pools inside it oversubscribes the cores and slows training down.
-    cv2.setNumThreads(1)
+    # Each loader worker is one process per core already; torch's own thread pool inside it would
+    # oversubscribe the cores.
     torch.set_num_threads(1)
 
 
 def make_loader(dataset: SegmentationDataset, batch_size: int, workers: int, shuffle: bool) -> DataLoader:
     """A DataLoader over the dataset; batch_size is already multiplied by the number of devices."""
+    # One OpenCV thread per process keeps workers from oversubscribing the cores. It must be set here,
+    # in the parent, before the workers fork: OpenCV's thread pool does not survive fork, and a worker
+    # that changes the thread count after the parent used the pool hangs for good.
+    cv2.setNumThreads(1)
     return DataLoader(
         dataset,
         batch_size=batch_size,

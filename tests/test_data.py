@@ -158,3 +158,26 @@ def test_masks_command_writes_the_training_targets(tmp_path):
     assert np.array_equal(mask, expected)
     assert (out / "ds" / "im1.png.png").is_file()
     assert "wrote 2 masks" in json.loads(proc.stdout.splitlines()[-1])["message"]
+
+
+def test_loader_workers_do_not_hang_after_opencv_ran_in_the_parent(tmp_path):
+    # A large OpenCV call in the parent (here a resize) starts OpenCV's thread pool; a forked worker that
+    # then set OpenCV's thread count hung for good. Run it in a child so a hang fails the test, not the suite.
+    project = write_project(tmp_path / "p", [["train"]] * 4, size=(1024, 1200))
+    script = f"""
+from pathlib import Path
+from plugin.classes import build_mapping
+import numpy as np
+from plugin.data import CorruptionBudget, SegmentationDataset, make_loader, prepare_masks, resize_image
+from plugin.project import list_items, read_meta
+resize_image(np.zeros((2000, 2000, 3), np.uint8), 700, 700)
+meta = read_meta(Path({str(project)!r}))
+mapping = build_mapping(meta, "bg", "neutral")
+budget = CorruptionBudget.create("train", 0)
+kept, masks = prepare_masks(list_items(Path({str(project)!r})), meta, mapping, (256, 256), budget)
+loader = make_loader(SegmentationDataset(kept, masks, (256, 256), budget), 2, 2, shuffle=True)
+print(sum(len(x) for x, _ in loader))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "4"
