@@ -35,6 +35,12 @@ class ClassMapping:
         return {**self.title_to_idx, self.neutral: NEUTRAL_INDEX}
 
 
+def titles_by_index(title_to_idx: dict[str, int]) -> list[str]:
+    """Class titles in model-output order; an index no title uses (possible in an old mapping) gets a placeholder."""
+    by_index = {idx: title for title, idx in title_to_idx.items()}
+    return [by_index.get(i, f"class_{i}") for i in range(max(title_to_idx.values()) + 1)]
+
+
 def build_mapping(meta: ProjectMeta, background: str, neutral: str) -> ClassMapping:
     if background == neutral:
         raise TaskError(f"background and neutral are both {background!r}; they must differ", where="special_classes")

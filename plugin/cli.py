@@ -1,4 +1,4 @@
-"""The `sly-unet` command: train, masks, demo. Each subcommand runs inside the agent's crash wrapper."""
+"""The `sly-unet` command: train, infer, evaluate, masks, demo. Each subcommand runs inside the agent's crash wrapper."""
 
 from __future__ import annotations
 
@@ -20,6 +20,25 @@ def _train(args: argparse.Namespace) -> None:
     from plugin.train import train_task
 
     train_task(resolve_task_dir(args.task_dir))
+
+
+def _infer(args: argparse.Namespace) -> None:
+    from plugin.infer import infer_task
+    from plugin.task_dir import resolve_task_dir
+
+    summary = infer_task(resolve_task_dir(args.task_dir))
+    log.info(
+        f"wrote {summary.output_dir} ({summary.images} images, {summary.objects} objects added, {summary.skipped} skipped)",
+        extra={"output_project": str(summary.output_dir)},
+    )
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from plugin.evaluate import run_evaluate
+
+    run_evaluate(
+        Path(args.gt), Path(args.pred), args.suffix, Path(args.out) if args.out else None, args.background, args.neutral
+    )
 
 
 def _masks(args: argparse.Namespace) -> None:
@@ -45,6 +64,8 @@ def _demo(args: argparse.Namespace) -> None:
 # Subcommand -> (main_name in the crash line, handler). The train name is the legacy plugin's.
 COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], None]]] = {
     "train": ("UNET_V2_TRAIN", _train),
+    "infer": ("UNET_V2_INFERENCE", _infer),
+    "evaluate": ("UNET_V2_EVALUATE", _evaluate),
     "masks": ("UNET_V2_MASKS", _masks),
     "demo": ("UNET_V2_DEMO", _demo),
 }
@@ -66,6 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("train", "train on a task dir (the train container's command)")
     p.add_argument("--task-dir", help="task directory (default: $SLY_TASK_DIR, else /sly_task_data)")
+
+    p = add("infer", "apply a trained model to a task dir's project (the inference container's command)")
+    p.add_argument("--task-dir", help="task directory (default: $SLY_TASK_DIR, else /sly_task_data)")
+
+    p = add("evaluate", "compare a predicted project with the ground-truth project: IoU, Dice, accuracy")
+    p.add_argument("--gt", required=True, help="ground-truth project (or a folder holding one)")
+    p.add_argument("--pred", required=True, help="predicted project, e.g. the inference output")
+    p.add_argument("--suffix", default="_unet", help="suffix of the predicted class titles (default: _unet)")
+    p.add_argument("--out", help="also write the metrics as JSON to this file")
+    p.add_argument("--background", default="bg", help="background class title (default: bg)")
+    p.add_argument("--neutral", default="neutral", help="neutral class title, ignored (default: neutral)")
 
     p = add("masks", "write the training targets of a project as PNG class masks, for checking annotations")
     p.add_argument("--project", required=True, help="project directory (meta.json + datasets)")

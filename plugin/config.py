@@ -6,6 +6,7 @@ import copy
 import difflib
 import functools
 import json
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from plugin.errors import TaskError
 from plugin.jsonfile import read_json
 
 TRAIN_SCHEMA = "train_config"
+INFERENCE_SCHEMA = "inference_config"
 
 TRAIN_DEFAULTS: dict = {
     "input_size": {"width": 256, "height": 256},
@@ -38,6 +40,32 @@ TRAIN_DEFAULTS: dict = {
     "weights_init_type": "transfer_learning",
     "gpu_devices": [0],
 }
+
+_MATCH_ALL = "__all__"
+_DEFAULT_MODE = "full_image"
+_NO_SIDES = {"left": "0px", "top": "0px", "right": "0px", "bottom": "0px"}
+# Every mode gets the suffix: legacy gave it only to full_image, and the other modes then crashed on
+# predicted classes titled like the input classes.
+_MODE_COMMON_DEFAULTS: dict = {
+    "model_classes": {"save_classes": _MATCH_ALL, "add_suffix": "_unet"},
+    "model_tags": {"save_names": _MATCH_ALL, "add_suffix": "_unet"},
+    "save_probabilities": False,
+}
+_MODE_DEFAULTS: dict[str, dict] = {
+    "full_image": {},
+    "roi": {"bounds": _NO_SIDES, "save": False, "class_name": "inference_roi"},
+    "bboxes": {"from_classes": _MATCH_ALL, "padding": _NO_SIDES, "save": False, "add_suffix": "_input_bbox"},
+    "sliding_window": {
+        "window": {"width": 128, "height": 128},
+        "min_overlap": {"x": 0, "y": 0},
+        "save": False,
+        "class_name": "sliding_window",
+        "batch_size": 8,
+    },
+}
+_MODEL_DEFAULTS: dict = {"gpu_device": 0}
+_SIDE = re.compile(r"(-?[0-9]+)(%|px)")
+
 
 def merge_defaults(defaults: dict, user: dict) -> dict:
     """A new dict: `user` over `defaults`; nested dicts merge key by key, lists and scalars replace."""
@@ -68,6 +96,100 @@ def load_train_config(path: Path) -> dict:
     merged = merge_defaults(TRAIN_DEFAULTS, read_json(path))
     _raise_if_any(sorted(schema_errors(merged, TRAIN_SCHEMA) + _train_semantic_errors(merged)), str(path))
     return _coerce_integers(merged, _validator(TRAIN_SCHEMA).schema)
+
+
+def load_inference_config(path: Path) -> dict:
+    """The inference config of `path`, normalized, with its mode's defaults; TaskError(where=path) listing all problems.
+
+    A config without a "model" key is the v1 layout and is converted first; legacy key names are renamed.
+    """
+    raw = read_json(path)
+    errors: list[str] = []
+    user = copy.deepcopy(raw) if "model" in raw else _from_v1_layout(raw, errors)
+    mode = user.get("mode")
+    if isinstance(mode, dict):
+        _rename_legacy_key(mode.get("model_classes"), "save_names", "save_classes", "mode.model_classes", errors)
+        _rename_legacy_key(mode.get("model_tags"), "save_classes", "save_names", "mode.model_tags", errors)
+        name = mode.get("name", _DEFAULT_MODE)
+    else:
+        name = _DEFAULT_MODE
+    merged = merge_defaults(_inference_defaults(name), user)
+    errors += schema_errors(merged, INFERENCE_SCHEMA) + _inference_semantic_errors(merged)
+    _raise_if_any(sorted(errors), str(path))
+    schema = _validator(INFERENCE_SCHEMA).schema
+    config = _coerce_integers(merged, schema)
+    # The mode's keys are described by definitions/<name> (picked by if/then), out of _coerce_integers' reach.
+    config["mode"] = _coerce_integers(config["mode"], schema["definitions"][config["mode"]["name"]])
+    return config
+
+
+def parse_side(value: str, length: int, where: str) -> int:
+    """Pixels of a side string: "Npx" is N, "N%" is int(length * N / 100) (truncated, as legacy); negatives kept."""
+    match = _SIDE.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        raise TaskError(f"{value!r} is not a side like '10px' or '10%'", where=where)
+    number = int(match.group(1))
+    if match.group(2) == "px":
+        return number
+    # Truncates toward zero like legacy int(length * N / 100), in integers: no float overflow or rounding.
+    product = length * number
+    return product // 100 if product >= 0 else -(-product // 100)
+
+
+def _inference_defaults(mode_name: object) -> dict:
+    # A name that is not a mode gets the common keys only; the schema then reports the name alone.
+    own = _MODE_DEFAULTS.get(mode_name, {}) if isinstance(mode_name, str) else {}
+    mode = merge_defaults({"name": mode_name, **_MODE_COMMON_DEFAULTS}, own)
+    return {"model": copy.deepcopy(_MODEL_DEFAULTS), "mode": mode, "allow_corrupted_images": 0}
+
+
+def _from_v1_layout(raw: dict, errors: list[str]) -> dict:
+    # v1: mode.source names the mode, model_classes sits at the top level, and the model's keys are the
+    # other top-level keys. allow_corrupted_images is ours, not a model key, so it stays at the top.
+    mode = copy.deepcopy(raw.get("mode", {}))
+    if isinstance(mode, dict):
+        _rename_legacy_key(mode, "source", "name", "mode", errors)
+        if "model_classes" in raw:
+            if "model_classes" in mode:
+                errors.append("model_classes: given both at the top level (v1 layout) and in mode; keep one")
+            else:
+                mode["model_classes"] = copy.deepcopy(raw["model_classes"])
+    config: dict = {"mode": mode, "model": {}}
+    for key, value in raw.items():
+        if key == "allow_corrupted_images":
+            config[key] = copy.deepcopy(value)
+        elif key not in ("mode", "model_classes"):
+            config["model"][key] = copy.deepcopy(value)
+    return config
+
+
+def _rename_legacy_key(section: object, old: str, new: str, where: str, errors: list[str]) -> None:
+    """In place: section[old] becomes section[new]; both given is an error (`where` is the section's dotted path)."""
+    if not isinstance(section, dict) or old not in section:
+        return
+    value = section.pop(old)
+    if new in section:
+        errors.append(f"{where}.{old}: legacy name of {where}.{new}; give only one of them")
+    else:
+        section[new] = value
+
+
+def _inference_semantic_errors(config: dict) -> list[str]:
+    mode = config.get("mode")
+    if not isinstance(mode, dict) or mode.get("name") != "sliding_window":
+        return []
+    window, overlap = mode.get("window"), mode.get("min_overlap")
+    if not isinstance(window, dict) or not isinstance(overlap, dict):
+        return []
+    errors = []
+    for axis, size in (("x", "width"), ("y", "height")):
+        # Only against a valid window size: a bad one is already reported by the schema.
+        if _is_number(overlap.get(axis)) and _is_number(window.get(size)) and 1 <= window[size] <= overlap[axis]:
+            errors.append(
+                f"mode.min_overlap.{axis}: {overlap[axis]!r} must be less than mode.window.{size} "
+                f"({window[size]!r}), or the stride (window - min_overlap) would be below 1"
+            )
+    return errors
 
 
 def _train_semantic_errors(config: dict) -> list[str]:
@@ -114,6 +236,9 @@ def _dotted(path: Any) -> str:
 
 def _describe(error: ValidationError) -> list[str]:
     parent = list(error.absolute_path)
+    if "x-expected" in error.schema:
+        # The schema's own wording of the value it wants, instead of a regex or "not valid under any of...".
+        return [f"{_dotted(parent)}: {error.instance!r} is not {error.schema['x-expected']}"]
     if error.validator == "additionalProperties":
         allowed = sorted(error.schema.get("properties", {}))
         return [

@@ -28,7 +28,7 @@ def plan_devices(gpu_devices: list[int]) -> DevicePlan:
     """CUDA devices from gpu_devices; without CUDA, the CPU with one warning so a replay runs anywhere."""
     if not torch.cuda.is_available():
         log.warning(
-            f"CUDA is not available; training on the CPU instead of gpu_devices {gpu_devices}",
+            f"CUDA is not available; running on the CPU instead of CUDA devices {gpu_devices}",
             extra={"gpu_devices": gpu_devices},
         )
         return DevicePlan(torch.device("cpu"), ())
@@ -40,5 +40,5 @@ def plan_devices(gpu_devices: list[int]) -> DevicePlan:
             where="gpu_devices",
         )
     names = ", ".join(f"cuda:{d} ({torch.cuda.get_device_name(d)})" for d in gpu_devices)
-    log.info(f"training on {names}", extra={"gpu_devices": gpu_devices})
+    log.info(f"running on {names}", extra={"gpu_devices": gpu_devices})
     return DevicePlan(torch.device("cuda", gpu_devices[0]), tuple(gpu_devices))

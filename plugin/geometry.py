@@ -196,6 +196,18 @@ def decode_bitmap(data: str, where: str = "") -> np.ndarray:
     return mask
 
 
+def bounding_box(geom: Geometry) -> Rectangle:
+    """The inclusive box around a geometry (a polygon's exterior, a bitmap's mask array)."""
+    if isinstance(geom, Rectangle):
+        return geom
+    if isinstance(geom, Bitmap):
+        x, y = geom.origin
+        h, w = geom.mask.shape
+        return Rectangle(x, y, x + w - 1, y + h - 1)
+    (x0, y0), (x1, y1) = geom.exterior.min(0), geom.exterior.max(0)
+    return Rectangle(int(x0), int(y0), int(x1), int(y1))
+
+
 def encode_bitmap(mask: np.ndarray, origin: tuple[int, int] = (0, 0)) -> dict:
     """{"origin": [x, y], "data": "eJ..."} as the SDK writes it: cropped to the true pixels, 1-bit palette PNG
     with index 0 transparent, zlib, base64. origin is where mask[0, 0] lies in the image."""

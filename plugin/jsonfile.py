@@ -37,3 +37,9 @@ def read_json(path: Path) -> dict:
 def _reject_constant(name: str) -> float:
     # Python's json accepts NaN and Infinity, which then slip through every numeric bound of the schema.
     raise ValueError(f"{name} is not allowed in JSON")
+
+
+def write_json(path: Path, doc: dict) -> None:
+    """Write doc as the SDK does (indent 4), creating the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=4, ensure_ascii=False), encoding="utf-8")

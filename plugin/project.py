@@ -7,6 +7,8 @@ without tags, tags as bare strings, and meta.json with img_tags/obj_tags instead
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,7 +133,11 @@ def list_items(project_dir: Path) -> list[Item]:
 def read_annotation(path: Path, meta: ProjectMeta) -> Annotation:
     """The annotation with its objects parsed and cropped to `size`; unknown classes and malformed
     objects are errors naming the file and the object, types masks do not draw are skipped."""
-    doc = read_json(path)
+    return parse_annotation(read_json(path), meta, path)
+
+
+def parse_annotation(doc: dict, meta: ProjectMeta, path: Path) -> Annotation:
+    """read_annotation for a document already read (inference keeps the raw objects to write them back)."""
     size = doc.get("size")
     height = size.get("height") if isinstance(size, dict) else None
     width = size.get("width") if isinstance(size, dict) else None
@@ -172,6 +178,15 @@ def read_image(path: Path) -> np.ndarray:
     if image is None:
         raise TaskError("the image cannot be decoded (corrupt or unsupported format)", where=path)
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Put src at dst as a hard link (no copy of a large image), or as a copy across file systems."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def _meta_tags(raw: dict, path: Path) -> list[dict]:

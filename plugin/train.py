@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from plugin import agent_log
 from plugin.checkpoints import CONFIG_NAME, WEIGHTS_NAME, CheckpointWriter, checkpoint_config
-from plugin.classes import NEUTRAL_INDEX, ClassMapping, build_mapping, check_continue_training
+from plugin.classes import NEUTRAL_INDEX, ClassMapping, build_mapping, check_continue_training, titles_by_index
 from plugin.config import load_train_config
 from plugin.data import CorruptionBudget, SegmentationDataset, make_loader, prepare_masks, split_items
 from plugin.devices import DevicePlan, plan_devices
@@ -164,12 +164,6 @@ def build_loader(
     return make_loader(dataset, batch, config["data_workers"][split], shuffle=split == "train")
 
 
-def class_titles(mapping: ClassMapping) -> list[str]:
-    """Titles by model index; an index no title uses (possible in an old mapping) gets a placeholder."""
-    by_index = {idx: title for title, idx in mapping.title_to_idx.items()}
-    return [by_index.get(i, f"class_{i}") for i in range(mapping.num_classes)]
-
-
 def loss_fn(config: dict, num_classes: int):
     weights = config["loss_weights"]
 
@@ -201,7 +195,7 @@ def fit(
     net: nn.Module = nn.DataParallel(model, device_ids=list(plan.device_ids)) if plan.count > 1 else model
     optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"])
     compute_loss = loss_fn(config, mapping.num_classes)
-    titles = class_titles(mapping)
+    titles = titles_by_index(mapping.title_to_idx)
     iters = len(loaders["train"])
     epochs = config["epochs"]
     planner = EvalPlanner(config["val_every"], iters, epochs)

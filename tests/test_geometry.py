@@ -22,6 +22,7 @@ from plugin.geometry import (
     Polygon,
     Rectangle,
     bitmap_to_json,
+    bounding_box,
     crop_to_image,
     decode_bitmap,
     draw,
@@ -334,3 +335,10 @@ def test_short_rings_are_padded_like_the_sdk() -> None:
     mask = np.zeros((3, 6), np.uint8)
     draw(mask, geom, 1)
     np.testing.assert_array_equal(mask, box(3, 6, range(1, 2), range(1, 5)))
+
+
+def test_bounding_box_of_each_geometry() -> None:
+    assert bounding_box(Rectangle(1, 2, 5, 7)) == Rectangle(1, 2, 5, 7)
+    assert bounding_box(Bitmap((4, 3), np.ones((2, 5), bool))) == Rectangle(4, 3, 8, 4)
+    ring = np.array([[2, 9], [6, 1], [10, 4]], np.int32)
+    assert bounding_box(Polygon(ring, (np.array([[5, 4], [6, 4], [6, 5]], np.int32),))) == Rectangle(2, 1, 10, 9)

@@ -1,0 +1,235 @@
+"""The inference task: task dir -> config -> model -> mode -> predictions -> output project in results/.
+
+The output project is built in tmp/ and renamed into results/<input project name>/ only when every
+image is done, so a failed run never leaves a project that looks complete.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import shutil
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from plugin import agent_log, modes
+from plugin.classes import BACKGROUND_COLOR
+from plugin.config import load_inference_config
+from plugin.errors import TaskError
+from plugin.geometry import Bitmap, Rectangle, bitmap_to_json
+from plugin.jsonfile import read_json, write_json
+from plugin.predictor import Predictor, load_predictor
+from plugin.project import Item, ProjectMeta, find_project, link_or_copy, list_items, parse_annotation, read_image, read_meta
+from plugin.task_dir import TaskDir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    """What goes into the output project: predicted class index -> output title, and the box classes."""
+
+    titles: dict[int, str]  # model index -> "<class><suffix>", for the saved classes only (never background)
+    box_class: str | None  # roi / sliding_window: the class of the saved boxes; bboxes: the suffix (see box_title)
+    new_classes: list[dict]  # meta.json entries added to the input meta
+
+
+@dataclass
+class InferSummary:
+    output_dir: Path
+    images: int
+    skipped: int
+    objects: int
+
+
+def infer_task(task: TaskDir) -> InferSummary:
+    """Run the whole inference task of a task dir; raises TaskError on bad input."""
+    agent_log.add_log_file(task.tmp_dir / "inference_log.jsonl")
+    config = load_inference_config(task.config_path)
+    mode = config["mode"]
+    predictor = load_predictor(task.model_dir, config["model"]["gpu_device"])
+    project_dir = find_project(task.data_dir)
+    meta = read_meta(project_dir)
+    plan = plan_output(mode, predictor, meta)
+    items = list_items(project_dir)
+
+    staging = task.tmp_dir / f"{project_dir.name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    write_json(staging / "meta.json", {**meta.raw, "classes": list(meta.raw.get("classes", [])) + plan.new_classes})
+    allowed, skipped, objects = config["allow_corrupted_images"], 0, 0
+    progress = agent_log.Progress("Model applying: ", len(items))
+    for item in items:
+        try:
+            image = read_image(item.image_path)
+        except TaskError as exc:
+            skipped += 1
+            if skipped > allowed:
+                raise TaskError(f"{exc.message} (allow_corrupted_images is {allowed})", where=exc.where) from exc
+            log.warning(f"skipping an unreadable image ({skipped} of {allowed} allowed): {exc}", extra={"file": str(item.image_path)})
+            progress.tick()
+            continue
+        objects += apply_to_item(item, image, predictor, mode, meta, plan, staging)
+        progress.tick()
+
+    output = task.results_dir / project_dir.name
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if output.exists():
+        shutil.rmtree(output)
+    shutil.move(str(staging), output)
+    agent_log.log_model_applied()
+    return InferSummary(output, len(items) - skipped, skipped, objects)
+
+
+def plan_output(mode: dict, predictor: Predictor, meta: ProjectMeta) -> OutputPlan:
+    """Output class titles and meta entries; errors for unknown save_classes and for title clashes."""
+    save = mode["model_classes"]["save_classes"]
+    suffix = mode["model_classes"]["add_suffix"]
+    background = _background_title(predictor)
+    if save != "__all__":
+        unknown = [t for t in save if t not in predictor.class_titles]
+        if unknown:
+            raise TaskError(
+                f"the model has no class {', '.join(map(repr, unknown))}; its classes are "
+                f"{', '.join(map(repr, predictor.class_titles))}",
+                where="mode.model_classes.save_classes",
+            )
+    titles = {
+        idx: f"{title}{suffix}"
+        for idx, title in enumerate(predictor.class_titles)
+        if idx != 0 and title != background and (save == "__all__" or title in save)
+    }
+    new_classes = [
+        {"title": out, "shape": "bitmap", "color": predictor.color_of(titles_key), "geometry_config": {}}
+        for titles_key, out in ((predictor.class_titles[i], t) for i, t in titles.items())
+    ]
+    box_class = None
+    if mode.get("save"):
+        if mode["name"] == "bboxes":
+            sources = _bbox_sources(mode, meta)
+            new_classes += [
+                {"title": f"{t}{mode['add_suffix']}", "shape": "rectangle", "color": meta.class_by_title(t).color, "geometry_config": {}}
+                for t in sources
+            ]
+            box_class = mode["add_suffix"]
+        else:
+            box_class = mode["class_name"]
+            new_classes.append({"title": box_class, "shape": "rectangle", "color": BACKGROUND_COLOR, "geometry_config": {}})
+    existing = {c.title for c in meta.classes}
+    seen: set[str] = set()
+    for entry in new_classes:
+        if entry["title"] in existing or entry["title"] in seen:
+            raise TaskError(
+                f"the output class {entry['title']!r} already exists in the input project; choose another "
+                "add_suffix (or class_name) so predictions do not mix with the project's own objects",
+                where="mode.model_classes.add_suffix" if entry["shape"] == "bitmap" else "mode",
+            )
+        seen.add(entry["title"])
+    if mode["name"] == "bboxes":
+        _bbox_sources(mode, meta)  # unknown from_classes are an error even when boxes are not saved
+    return OutputPlan(titles, box_class, new_classes)
+
+
+def _background_title(predictor: Predictor) -> str:
+    # Index 0 is background by construction of the class mapping, in legacy checkpoints too.
+    return predictor.class_titles[0]
+
+
+def _bbox_sources(mode: dict, meta: ProjectMeta) -> list[str]:
+    wanted = mode["from_classes"]
+    if wanted == "__all__":
+        return [c.title for c in meta.classes]
+    unknown = [t for t in wanted if meta.class_by_title(t) is None]
+    if unknown:
+        raise TaskError(
+            f"the project has no class {', '.join(map(repr, unknown))}", where="mode.from_classes"
+        )
+    return list(wanted)
+
+
+def predict(mode: dict, predictor: Predictor, image: np.ndarray, labels: list) -> modes.Prediction:
+    name = mode["name"]
+    if name == "full_image":
+        return modes.full_image(predictor, image)
+    if name == "roi":
+        return modes.roi(predictor, image, mode["bounds"])
+    if name == "bboxes":
+        return modes.bboxes(predictor, image, labels, mode["padding"])
+    window = (mode["window"]["width"], mode["window"]["height"])
+    overlap = (mode["min_overlap"]["x"], mode["min_overlap"]["y"])
+    return modes.sliding_window(predictor, image, window, overlap, mode["batch_size"])
+
+
+def apply_to_item(
+    item: Item, image: np.ndarray, predictor: Predictor, mode: dict, meta: ProjectMeta, plan: OutputPlan, out_dir: Path
+) -> int:
+    """Predict one image, write its annotation (original objects + predictions) and link the image."""
+    doc = read_json(item.ann_path)
+    ann = parse_annotation(doc, meta, item.ann_path)
+    if (ann.height, ann.width) != image.shape[:2]:
+        raise TaskError(
+            f"the annotation says the image is {ann.width}x{ann.height} (width x height), but "
+            f"{item.image_path.name} is {image.shape[1]}x{image.shape[0]}",
+            where=item.ann_path,
+        )
+    labels = ann.labels
+    if mode["name"] == "bboxes":
+        sources = set(_bbox_sources(mode, meta))
+        labels = [label for label in ann.labels if label.class_title in sources]
+    prediction = predict(mode, predictor, image, labels)
+
+    new_objects = [*_box_objects(mode, plan, prediction, labels), *_class_objects(prediction, plan)]
+    out_doc = {**doc, "objects": list(doc.get("objects", [])) + new_objects}
+    if mode["save_probabilities"]:
+        out_doc["customBigData"] = {**(doc.get("customBigData") or {}), **_probabilities(prediction, plan, predictor)}
+    write_json(out_dir / item.dataset / "ann" / f"{item.name}.json", out_doc)
+    link_or_copy(item.image_path, out_dir / item.dataset / "img" / item.name)
+    return len(new_objects)
+
+
+def _class_objects(prediction: modes.Prediction, plan: OutputPlan) -> list[dict]:
+    class_map = prediction.class_map()
+    objects = []
+    for idx, title in plan.titles.items():
+        mask = class_map == idx
+        if mask.any():
+            objects.append({"classTitle": title, "description": "", "tags": [], **bitmap_to_json(Bitmap((0, 0), mask))})
+    return objects
+
+
+def _box_objects(mode: dict, plan: OutputPlan, prediction: modes.Prediction, labels: list) -> list[dict]:
+    if plan.box_class is None:
+        return []
+    if mode["name"] == "bboxes":
+        titles = [f"{label.class_title}{plan.box_class}" for label in labels]
+    else:
+        titles = [plan.box_class] * len(prediction.boxes)
+    return [_rectangle(title, box) for title, box in zip(titles, prediction.boxes)]
+
+
+def _rectangle(title: str, box: Rectangle) -> dict:
+    return {
+        "classTitle": title, "description": "", "tags": [], "shape": "rectangle", "geometryType": "rectangle",
+        "points": {"exterior": [[box.left, box.top], [box.right, box.bottom]], "interior": []},
+    }
+
+
+def _probabilities(prediction: modes.Prediction, plan: OutputPlan, predictor: Predictor) -> dict:
+    """customBigData as SDK >= mid-2020 writes it: one float32 H x W x 1 map per saved class."""
+    classes, labels = [], []
+    for idx, title in plan.titles.items():
+        probs = prediction.probs[idx]
+        if prediction.covered is not None:
+            probs = np.where(prediction.covered, probs, 0)
+        buffer = io.BytesIO()
+        np.save(buffer, probs.astype(np.float32)[:, :, None])
+        data = base64.b64encode(zlib.compress(buffer.getvalue())).decode("ascii")
+        classes.append({"title": title, "shape": "multichannelBitmap", "color": predictor.color_of(predictor.class_titles[idx])})
+        labels.append({
+            "classTitle": title, "description": "", "tags": [], "geometryType": "multichannelBitmap",
+            "multichannelBitmap": {"origin": [0, 0], "data": data},
+        })
+    return {"probabilityClasses": classes, "probabilityLabels": labels}

@@ -1,0 +1,138 @@
+"""Inference modes on real images with a seeded model: coverage, blending, probabilities, box arithmetic."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from plugin import modes
+from plugin.geometry import Polygon, Rectangle
+from plugin.model import build_model
+from plugin.predictor import Predictor
+from plugin.project import Label
+
+
+@pytest.fixture(scope="module")
+def predictor() -> Predictor:
+    torch.manual_seed(0)
+    model = build_model(3).eval()
+    out_classes = [{"title": t, "shape": "bitmap", "color": "#112233"} for t in ("bg", "a", "b")]
+    return Predictor(model, torch.device("cpu"), (64, 48), ["bg", "a", "b"], out_classes)
+
+
+def textured(height: int, width: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    image[: height // 2, : width // 3] = (200, 40, 40)  # a structure the model responds to
+    return image
+
+
+def assert_probabilities(pred: modes.Prediction, shape: tuple[int, int]) -> None:
+    assert pred.probs.shape == (3, *shape) and pred.probs.dtype == np.float32
+    covered = np.ones(shape, bool) if pred.covered is None else pred.covered
+    sums = pred.probs.sum(axis=0)[covered]
+    assert np.isfinite(pred.probs).all()
+    assert np.allclose(sums, 1.0, atol=1e-5)
+    assert pred.probs.min() >= 0 and pred.probs.max() <= 1 + 1e-6
+
+
+def test_window_starts_match_the_legacy_example():
+    # agent-protocol.md: 300x500 image, window 128, overlap 10 -> tops 0, 118, 172; lefts 0, 118, 236, 354, 372.
+    assert modes.window_starts(300, 128, 118) == [0, 118, 172]
+    assert modes.window_starts(500, 128, 118) == [0, 118, 236, 354, 372]
+    assert modes.window_starts(128, 128, 118) == [0]
+    assert modes.window_starts(100, 128, 118) == [0]  # smaller than the window: padded, one window
+    assert modes.window_starts(236 + 128, 128, 118) == [0, 118, 236]  # exact fit: no extra window
+
+
+def test_window_weights_fall_toward_the_borders():
+    weights = modes.window_weights(9, 7)
+    assert weights.shape == (9, 7)
+    assert weights[4, 3] == pytest.approx(1.0)
+    assert weights[0, 0] < weights[2, 2] < weights[4, 3]
+    assert weights.min() >= modes.WINDOW_WEIGHT_FLOOR
+
+
+def test_full_image_probabilities(predictor):
+    pred = modes.full_image(predictor, textured(50, 70))
+    assert_probabilities(pred, (50, 70))
+    assert pred.covered is None and pred.boxes == [Rectangle(0, 0, 69, 49)]
+
+
+def test_sliding_window_with_one_window_equals_full_image(predictor):
+    image = textured(48, 64)
+    full = modes.full_image(predictor, image)
+    window = modes.sliding_window(predictor, image, (64, 48), (0, 0), batch_size=4)
+    assert np.allclose(window.probs, full.probs, atol=1e-5)
+    assert np.array_equal(window.class_map(), full.class_map())
+
+
+@pytest.mark.parametrize(("height", "width"), [(100, 70), (61, 131), (30, 20)])
+def test_sliding_window_covers_every_pixel(predictor, height, width):
+    image = textured(height, width, seed=height)
+    pred = modes.sliding_window(predictor, image, (48, 40), (8, 6), batch_size=3)
+    assert_probabilities(pred, (height, width))
+    assert pred.covered is None
+    # The saved windows lie inside the image and together cover it.
+    cover = np.zeros((height, width), bool)
+    for box in pred.boxes:
+        assert 0 <= box.left <= box.right < width and 0 <= box.top <= box.bottom < height
+        cover[box.top : box.bottom + 1, box.left : box.right + 1] = True
+    assert cover.all()
+
+
+def test_sliding_window_does_not_depend_on_the_batch_size(predictor):
+    image = textured(90, 100, seed=3)
+    one = modes.sliding_window(predictor, image, (48, 40), (10, 10), batch_size=1)
+    many = modes.sliding_window(predictor, image, (48, 40), (10, 10), batch_size=16)
+    assert np.allclose(one.probs, many.probs, atol=1e-5)
+
+
+def test_sliding_window_blends_without_seams(predictor):
+    # Where two windows overlap, the result lies between their two predictions, weighted toward the
+    # window whose centre is nearer: no hard switch at a window border.
+    image = textured(40, 80, seed=5)
+    pred = modes.sliding_window(predictor, image, (48, 40), (16, 0), batch_size=2)
+    left = predictor.probabilities([image[:, 0:48]])[0].numpy()
+    right = predictor.probabilities([image[:, 32:80]])[0].numpy()
+    overlap = pred.probs[:, :, 32:48]
+    low = np.minimum(left[:, :, 32:48], right[:, :, 0:16]) - 1e-5
+    high = np.maximum(left[:, :, 32:48], right[:, :, 0:16]) + 1e-5
+    assert ((overlap >= low) & (overlap <= high)).all()
+    assert np.allclose(pred.probs[:, :, 33], left[:, :, 33], atol=0.5)  # nearer the left window's centre...
+    assert not np.allclose(pred.probs[:, :, 33], right[:, :, 1], atol=1e-6)  # ...but blended
+
+
+def test_roi_follows_the_legacy_bounds_arithmetic(predictor):
+    # agent-protocol.md: 500x1000, "30%" top, "10%" elsewhere -> rows 150..449, cols 100..899.
+    image = textured(500, 1000)
+    pred = modes.roi(predictor, image, {"left": "10%", "top": "30%", "right": "10%", "bottom": "10%"})
+    assert pred.boxes == [Rectangle(100, 150, 899, 449)]
+    expected = np.zeros((500, 1000), bool)
+    expected[150:450, 100:900] = True
+    assert np.array_equal(pred.covered, expected)
+    assert_probabilities(pred, (500, 1000))
+    assert (pred.class_map()[~expected] == 255).all()
+
+
+def test_bboxes_pad_and_merge_overlaps_by_probability(predictor):
+    image = textured(60, 80, seed=7)
+    square = np.array([[10, 10], [29, 10], [29, 29], [10, 29]], np.int32)
+    labels = [Label("x", Rectangle(20, 20, 49, 39)), Label("y", Polygon(square))]
+    pred = modes.bboxes(predictor, image, labels, {"left": "10%", "top": "0px", "right": "0px", "bottom": "5px"})
+    # 10% of the 30-px-wide rectangle is 3 px; the polygon's box is 20 wide -> 2 px.
+    assert pred.boxes == [Rectangle(17, 20, 49, 44), Rectangle(8, 10, 29, 34)]
+    assert_probabilities(pred, (60, 80))
+    first = predictor.probabilities([image[20:45, 17:50]])[0].numpy()
+    second = predictor.probabilities([image[10:35, 8:30]])[0].numpy()
+    # Pixel (row 25, col 20) lies in both boxes: the mean of the two predictions there.
+    expected = (first[:, 25 - 20, 20 - 17] + second[:, 25 - 10, 20 - 8]) / 2
+    assert np.allclose(pred.probs[:, 25, 20], expected, atol=1e-6)
+    assert not pred.covered[50:, :].any()
+
+
+def test_boxes_outside_the_image_are_skipped(predictor):
+    image = textured(30, 30)
+    pred = modes.bboxes(predictor, image, [Label("x", Rectangle(40, 40, 50, 50))], {k: "0px" for k in ("left", "top", "right", "bottom")})
+    assert pred.boxes == [] and not pred.covered.any()
