@@ -1,14 +1,20 @@
-"""`make bench`: the performance targets of the train issue, printed as ratios with how to reproduce them.
+"""`make bench`: the performance targets, printed as ratios with how to reproduce them.
 
 1. Mask rasterization rate (annotations/s) on images up to 1,200 px with up to 12 objects; target >= 2,000/s.
 2. Data loader sample rate against the rate one training step consumes samples (256x256, batch 12,
    CPU); target ratio >= 10.
+3. sliding_window on a 2048x2048 image: the share of its time a bare batched forward over the same
+   tiles takes; target >= 90%.
+4. Peak memory (max RSS) of a whole inference run on one 4096x4096 image with a 5-class model; target < 2 GB.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -17,12 +23,15 @@ import cv2
 import numpy as np
 import torch
 
+from plugin import modes
+from plugin.checkpoints import legacy_state_dict
 from plugin.classes import NEUTRAL_INDEX, build_mapping
-from plugin.data import CorruptionBudget, SegmentationDataset, make_loader, prepare_masks
+from plugin.data import CorruptionBudget, SegmentationDataset, make_loader, normalize, prepare_masks, resize_image
 from plugin.geometry import encode_bitmap
 from plugin.losses import segmentation_loss
 from plugin.masks import rasterize
 from plugin.model import build_model
+from plugin.predictor import Predictor
 from plugin.project import list_items, read_annotation, read_meta
 
 CLASSES = [
@@ -125,6 +134,80 @@ def bench_loader_vs_step(project: Path, size: int, batch: int, workers: int, ste
     return ratio
 
 
+def seeded_predictor(num_classes: int, input_size: int) -> Predictor:
+    torch.manual_seed(0)
+    titles = ["bg"] + [f"class_{i}" for i in range(1, num_classes)]
+    out_classes = [{"title": t, "shape": "bitmap", "color": "#FF0000", "geometry_config": {}} for t in titles]
+    return Predictor(build_model(num_classes).eval(), torch.device("cpu"), (input_size, input_size), titles, out_classes)
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def bench_sliding_window(size: int, window: int, overlap: int, input_size: int, batch: int, repeats: int = 2) -> float:
+    predictor = seeded_predictor(5, input_size)
+    image = cv2.GaussianBlur(np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8), (0, 0), 2)
+    starts = modes.window_starts(size, window, window - overlap)
+    tiles = [image[t : t + window, l : l + window] for t in starts for l in starts]
+    inputs = torch.stack([normalize(resize_image(tile, input_size, input_size)) for tile in tiles])
+
+    def whole() -> None:
+        modes.sliding_window(predictor, image, (window, window), (overlap, overlap), batch)
+
+    def bare() -> None:
+        with torch.inference_mode():
+            for i in range(0, len(inputs), batch):
+                predictor.model(inputs[i : i + batch])
+
+    modes.sliding_window(predictor, image[:window, :window], (window, window), (overlap, overlap), batch)  # warm-up
+    # Best of `repeats`, interleaved, so that load from other processes skews both sides alike.
+    total, forward = float("inf"), float("inf")
+    for _ in range(repeats):
+        total = min(total, _timed(whole))
+        forward = min(forward, _timed(bare))
+    share = forward / total
+    print(f"sliding_window {size}x{size}: {len(tiles)} windows of {window} px (overlap {overlap}, input {input_size}, "
+          f"batch {batch}) in {total:.1f} s; bare batched forward {forward:.1f} s -> {share:.1%} of the time in the "
+          f"forward (target >= 90%)")
+    return share
+
+
+def bench_inference_memory(tmp: Path, size: int, window: int, input_size: int) -> float:
+    task = tmp / "memory_task"
+    project = task / "data" / "big"
+    (project / "ds" / "img").mkdir(parents=True)
+    (project / "ds" / "ann").mkdir(parents=True)
+    (project / "meta.json").write_text(json.dumps({"classes": [], "tags": []}))
+    image = cv2.GaussianBlur(np.random.default_rng(1).integers(0, 256, (size, size, 3), dtype=np.uint8), (0, 0), 3)
+    cv2.imwrite(str(project / "ds" / "img" / "big.jpg"), image)
+    ann = {"size": {"height": size, "width": size}, "tags": [], "objects": []}
+    (project / "ds" / "ann" / "big.jpg.json").write_text(json.dumps(ann))
+    predictor = seeded_predictor(5, input_size)
+    (task / "model").mkdir()
+    torch.save(legacy_state_dict(predictor.model), task / "model" / "model.pt")
+    settings = {"input_size": {"width": input_size, "height": input_size}}
+    mapping = {t: i for i, t in enumerate(predictor.class_titles)}
+    (task / "model" / "config.json").write_text(json.dumps(
+        {"settings": settings, "out_classes": predictor.out_classes, "class_title_to_idx": mapping}))
+    config = {"mode": {"name": "sliding_window", "window": {"width": window, "height": window},
+                       "min_overlap": {"x": 64, "y": 64}, "batch_size": 8}}
+    (task / "task_config.json").write_text(json.dumps(config))
+    del predictor, image
+    command = [sys.executable, "-m", "entrypoints.inference", "--task-dir", str(task), "--log-format", "json"]
+    start = time.perf_counter()
+    proc = subprocess.run(command, capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"inference failed: {proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB -> GiB
+    print(f"inference peak memory: {peak:.2f} GiB max RSS for a whole sliding_window run on one {size}x{size} image, "
+          f"5 classes, window {window}, input {input_size} ({elapsed:.0f} s; target < 2 GB)")
+    return peak
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=48)
@@ -133,13 +216,18 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=12)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--window", type=int, default=256, help="sliding_window window side")
+    parser.add_argument("--infer-input", type=int, default=128, help="model input side for the inference benchmarks")
     args = parser.parse_args()
     print(f"reproduce: .venv/bin/python -m benchmarks.run --images {args.images} --repeats {args.repeats} "
-          f"--size {args.size} --batch {args.batch} --workers {args.workers} --steps {args.steps}  (or: make bench)")
+          f"--size {args.size} --batch {args.batch} --workers {args.workers} --steps {args.steps} "
+          f"--window {args.window} --infer-input {args.infer_input}  (or: make bench)")
     with tempfile.TemporaryDirectory() as tmp:
         project = make_bench_project(Path(tmp) / "bench", args.images)
         bench_rasterize(project, args.repeats)
         bench_loader_vs_step(project, args.size, args.batch, args.workers, args.steps)
+        bench_sliding_window(2048, args.window, 32, args.infer_input, 8)
+        bench_inference_memory(Path(tmp), 4096, 512, args.infer_input)
 
 
 if __name__ == "__main__":
