@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-.PHONY: venv test demo bench clean
+.PHONY: venv test demo bench clean train-image inference-image images image-test
 
 venv: $(VENV)/.installed
 
@@ -30,3 +30,26 @@ bench: venv
 
 clean:
 	rm -rf build $(VENV)
+
+# Container images (docker/Dockerfile, one target each), tagged with the package version. Build
+# options come from the environment: on these machines `eval "$$(../shared/tools/docker-engine.sh env)"`
+# sets DOCKER_BUILD_ARGS to point pip at the local CPU torch wheel.
+DOCKER ?= docker
+DOCKER_BUILD_ARGS ?=
+VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' plugin/__init__.py)
+IMAGE_TAG ?= $(VERSION)
+TRAIN_IMAGE ?= sly-unet-train
+INFERENCE_IMAGE ?= sly-unet-inference
+
+train-image:
+	$(DOCKER) build $(DOCKER_BUILD_ARGS) -f docker/Dockerfile --target train -t $(TRAIN_IMAGE):$(IMAGE_TAG) .
+
+inference-image:
+	$(DOCKER) build $(DOCKER_BUILD_ARGS) -f docker/Dockerfile --target inference -t $(INFERENCE_IMAGE):$(IMAGE_TAG) .
+
+images: train-image inference-image
+
+# Builds both images, then trains and infers with them on small task dirs under build/image-test/.
+image-test: images venv
+	$(PY) -m tests.image.run --docker "$(DOCKER)" --train-image $(TRAIN_IMAGE):$(IMAGE_TAG) \
+		--inference-image $(INFERENCE_IMAGE):$(IMAGE_TAG) --work build/image-test

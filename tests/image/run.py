@@ -37,14 +37,17 @@ REPO = Path(__file__).resolve().parents[2]
 MOUNT = "/sly_task_data"
 # What the agent sets (agent-protocol.md); the local reference run gets the same.
 AGENT_ENV = {"LOG_LEVEL": "DEBUG", "PYTHONUNBUFFERED": "1", "LANG": "C.UTF-8"}
-# Small enough for two CPU cores (checkpoints are ~244 MB whatever the input size); val_every 0.5
-# gives two checkpoints, so "the best one" is a real choice; one loader worker runs inside the container.
+# Small enough for two CPU cores (checkpoints are ~244 MB whatever the input size), yet enough
+# training (8 images x 3 epochs, a high lr) that the model predicts the shapes, not only background;
+# val_every 1.5 gives two checkpoints, so "the best one" is a real choice; one loader worker runs
+# inside the container.
 TRAIN_CONFIG = {
     "input_size": {"width": 64, "height": 64},
-    "batch_size": {"train": 2, "val": 2},
+    "batch_size": {"train": 4, "val": 2},
     "data_workers": {"train": 1, "val": 0},
-    "epochs": 1,
-    "val_every": 0.5,
+    "epochs": 3,
+    "val_every": 1.5,
+    "lr": 0.003,
     "gpu_devices": [0],
 }
 BROKEN_CONFIG = {"input_size": {"width": 250, "height": 64}}  # 250 is not a multiple of 16
@@ -132,7 +135,7 @@ def expect(condition: bool, message: str, run: Run | None = None) -> None:
 
 
 def make_task_dir(root: Path, config: dict) -> Path:
-    make_project(root / "data" / PROJECT, n_train=4, n_val=2, size=64, seed=3)
+    make_project(root / "data" / PROJECT, n_train=8, n_val=2, size=64, seed=3)
     (root / "task_config.json").write_text(json.dumps(config, indent=4))
     return root
 
@@ -229,7 +232,8 @@ def check_output_project(run: Run, task_dir: Path) -> int:
         expect(image.shape[:2] == (ann.height, ann.width), f"{item.image_path}: size differs from its annotation")
         source_labels = read_annotation(source_item.ann_path, source_meta).labels
         kept = [label for label in ann.labels if label.class_title in source_titles]
-        expect(len(kept) == len(source_labels), f"{item.ann_path}: {len(kept)} input objects kept of {len(source_labels)}")
+        expect(len(kept) == len(source_labels),
+               f"{item.ann_path}: {len(kept)} input objects kept of {len(source_labels)}")
         predicted += sum(label.class_title in new_titles for label in ann.labels)
     expect(predicted > 0, f"no `{SUFFIX}` object in any of the {len(items)} output annotations")
     return predicted
@@ -258,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         if work.exists():
             shutil.rmtree(work)
 
-        step("train image: a 64x64, 1-epoch task; the local entrypoint on a copy for reference")
+        step("train image: a 64x64, 3-epoch task; the local entrypoint on a copy for reference")
         train_dir = make_task_dir(work / "train", TRAIN_CONFIG)
         local_dir = work / "local"
         shutil.copytree(train_dir, local_dir)
