@@ -7,7 +7,6 @@ but finished checkpoint folders.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ import torch
 
 from plugin import agent_log
 from plugin.classes import ClassMapping
+from plugin.jsonfile import write_json
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.pt"
@@ -51,7 +51,7 @@ class CheckpointWriter:
         staging = self.staging_dir / f"{subdir}.partial"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-        (staging / CONFIG_NAME).write_text(json.dumps(config, indent=4), encoding="utf-8")
+        write_json(staging / CONFIG_NAME, config)
         torch.save(legacy_state_dict(model), staging / WEIGHTS_NAME)
         sizeb = sum(f.stat().st_size for f in staging.iterdir())
         self.results_dir.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from plugin.classes import ClassMapping
 from plugin.errors import TaskError
 from plugin.masks import rasterize
-from plugin.project import Item, ProjectMeta, read_annotation, read_image, read_image_tags
+from plugin.project import Item, ProjectMeta, check_image_size, read_annotation, read_image, read_image_tags
 
 log = logging.getLogger(__name__)
 
@@ -133,13 +133,7 @@ def prepare_masks(
     for item in items:
         try:
             ann = read_annotation(item.ann_path, meta)
-            img_h, img_w = image_size(item)
-            if (img_h, img_w) != (ann.height, ann.width):
-                raise TaskError(
-                    f"the annotation says the image is {ann.width}x{ann.height} (width x height), "
-                    f"but {item.image_path.name} is {img_w}x{img_h}",
-                    where=item.ann_path,
-                )
+            check_image_size(item, ann, *image_size(item))
             mask = resize_mask(rasterize(ann, mapping), width, height)
         except TaskError as exc:
             budget.spend(exc.where or item.ann_path, exc)

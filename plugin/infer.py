@@ -11,7 +11,7 @@ import io
 import logging
 import shutil
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,17 @@ from plugin.errors import TaskError
 from plugin.geometry import Bitmap, Rectangle, bitmap_to_json
 from plugin.jsonfile import read_json, write_json
 from plugin.predictor import Predictor, load_predictor
-from plugin.project import Item, ProjectMeta, find_project, link_or_copy, list_items, parse_annotation, read_image, read_meta
+from plugin.project import (
+    Item,
+    ProjectMeta,
+    check_image_size,
+    find_project,
+    link_or_copy,
+    list_items,
+    parse_annotation,
+    read_image,
+    read_meta,
+)
 from plugin.task_dir import TaskDir
 
 log = logging.getLogger(__name__)
@@ -31,11 +41,13 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class OutputPlan:
-    """What goes into the output project: predicted class index -> output title, and the box classes."""
+    """What goes into the output project besides the input's own objects."""
 
     titles: dict[int, str]  # model index -> "<class><suffix>", for the saved classes only (never background)
-    box_class: str | None  # roi / sliding_window: the class of the saved boxes; bboxes: the suffix (see box_title)
     new_classes: list[dict]  # meta.json entries added to the input meta
+    box_class: str | None = None  # roi / sliding_window with save: the class of the saved boxes
+    box_suffix: str | None = None  # bboxes with save: a box is saved as "<source class><box_suffix>"
+    bbox_sources: frozenset[str] = frozenset()  # bboxes: the input classes whose boxes are predicted
 
 
 @dataclass
@@ -85,10 +97,9 @@ def infer_task(task: TaskDir) -> InferSummary:
 
 
 def plan_output(mode: dict, predictor: Predictor, meta: ProjectMeta) -> OutputPlan:
-    """Output class titles and meta entries; errors for unknown save_classes and for title clashes."""
+    """Output class titles and meta entries; errors for unknown classes and for title clashes."""
     save = mode["model_classes"]["save_classes"]
     suffix = mode["model_classes"]["add_suffix"]
-    background = _background_title(predictor)
     if save != "__all__":
         unknown = [t for t in save if t not in predictor.class_titles]
         if unknown:
@@ -97,27 +108,26 @@ def plan_output(mode: dict, predictor: Predictor, meta: ProjectMeta) -> OutputPl
                 f"{', '.join(map(repr, predictor.class_titles))}",
                 where="mode.model_classes.save_classes",
             )
+    # Index 0 is background by construction of the class mapping, in legacy checkpoints too.
     titles = {
         idx: f"{title}{suffix}"
         for idx, title in enumerate(predictor.class_titles)
-        if idx != 0 and title != background and (save == "__all__" or title in save)
+        if idx != 0 and (save == "__all__" or title in save)
     }
-    new_classes = [
-        {"title": out, "shape": "bitmap", "color": predictor.color_of(titles_key), "geometry_config": {}}
-        for titles_key, out in ((predictor.class_titles[i], t) for i, t in titles.items())
-    ]
-    box_class = None
-    if mode.get("save"):
-        if mode["name"] == "bboxes":
-            sources = _bbox_sources(mode, meta)
+    new_classes = [_meta_class(out, "bitmap", predictor.color_of(predictor.class_titles[idx])) for idx, out in titles.items()]
+    plan = OutputPlan(titles, new_classes)
+    if mode["name"] == "bboxes":
+        sources = _bbox_sources(mode, meta)
+        plan = replace(plan, bbox_sources=frozenset(sources))
+        if mode["save"]:
+            plan = replace(plan, box_suffix=mode["add_suffix"])
             new_classes += [
-                {"title": f"{t}{mode['add_suffix']}", "shape": "rectangle", "color": meta.class_by_title(t).color, "geometry_config": {}}
-                for t in sources
+                _meta_class(f"{t}{mode['add_suffix']}", "rectangle", meta.class_by_title(t).color) for t in sources
             ]
-            box_class = mode["add_suffix"]
-        else:
-            box_class = mode["class_name"]
-            new_classes.append({"title": box_class, "shape": "rectangle", "color": BACKGROUND_COLOR, "geometry_config": {}})
+    elif mode.get("save"):
+        plan = replace(plan, box_class=mode["class_name"])
+        new_classes.append(_meta_class(mode["class_name"], "rectangle", BACKGROUND_COLOR))
+
     existing = {c.title for c in meta.classes}
     seen: set[str] = set()
     for entry in new_classes:
@@ -128,14 +138,11 @@ def plan_output(mode: dict, predictor: Predictor, meta: ProjectMeta) -> OutputPl
                 where="mode.model_classes.add_suffix" if entry["shape"] == "bitmap" else "mode",
             )
         seen.add(entry["title"])
-    if mode["name"] == "bboxes":
-        _bbox_sources(mode, meta)  # unknown from_classes are an error even when boxes are not saved
-    return OutputPlan(titles, box_class, new_classes)
+    return plan
 
 
-def _background_title(predictor: Predictor) -> str:
-    # Index 0 is background by construction of the class mapping, in legacy checkpoints too.
-    return predictor.class_titles[0]
+def _meta_class(title: str, shape: str, color: str) -> dict:
+    return {"title": title, "shape": shape, "color": color, "geometry_config": {}}
 
 
 def _bbox_sources(mode: dict, meta: ProjectMeta) -> list[str]:
@@ -169,19 +176,11 @@ def apply_to_item(
     """Predict one image, write its annotation (original objects + predictions) and link the image."""
     doc = read_json(item.ann_path)
     ann = parse_annotation(doc, meta, item.ann_path)
-    if (ann.height, ann.width) != image.shape[:2]:
-        raise TaskError(
-            f"the annotation says the image is {ann.width}x{ann.height} (width x height), but "
-            f"{item.image_path.name} is {image.shape[1]}x{image.shape[0]}",
-            where=item.ann_path,
-        )
-    labels = ann.labels
-    if mode["name"] == "bboxes":
-        sources = set(_bbox_sources(mode, meta))
-        labels = [label for label in ann.labels if label.class_title in sources]
+    check_image_size(item, ann, *image.shape[:2])
+    labels = [label for label in ann.labels if label.class_title in plan.bbox_sources]
     prediction = predict(mode, predictor, image, labels)
 
-    new_objects = [*_box_objects(mode, plan, prediction, labels), *_class_objects(prediction, plan)]
+    new_objects = [*_box_objects(plan, prediction), *_class_objects(prediction, plan)]
     out_doc = {**doc, "objects": list(doc.get("objects", [])) + new_objects}
     if mode["save_probabilities"]:
         out_doc["customBigData"] = {**(doc.get("customBigData") or {}), **_probabilities(prediction, plan, predictor)}
@@ -200,13 +199,13 @@ def _class_objects(prediction: modes.Prediction, plan: OutputPlan) -> list[dict]
     return objects
 
 
-def _box_objects(mode: dict, plan: OutputPlan, prediction: modes.Prediction, labels: list) -> list[dict]:
-    if plan.box_class is None:
-        return []
-    if mode["name"] == "bboxes":
-        titles = [f"{label.class_title}{plan.box_class}" for label in labels]
-    else:
+def _box_objects(plan: OutputPlan, prediction: modes.Prediction) -> list[dict]:
+    if plan.box_suffix is not None:
+        titles = [f"{source}{plan.box_suffix}" for source in prediction.box_sources]
+    elif plan.box_class is not None:
         titles = [plan.box_class] * len(prediction.boxes)
+    else:
+        return []
     return [_rectangle(title, box) for title, box in zip(titles, prediction.boxes)]
 
 

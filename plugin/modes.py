@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
@@ -35,6 +35,7 @@ class Prediction:
     probs: np.ndarray  # float32 (C, H, W); meaningful where `covered`
     covered: np.ndarray | None  # bool (H, W); None = every pixel
     boxes: list[Rectangle]  # the regions predicted (saved as objects when the config asks)
+    box_sources: list[str] = field(default_factory=list)  # bboxes: the class of the object behind each box
 
     def class_map(self) -> np.ndarray:
         """uint8 (H, W) argmax class; 255 where nothing was predicted."""
@@ -60,7 +61,7 @@ def roi(predictor: Predictor, image: np.ndarray, bounds: dict[str, str]) -> Pred
         right=width - 1 - parse_side(bounds["right"], width, "mode.bounds.right"),
         bottom=height - 1 - parse_side(bounds["bottom"], height, "mode.bounds.bottom"),
     )
-    return _merge_boxes(predictor, image, [box])
+    return _merge_boxes(predictor, image, [box])[0]
 
 
 def bboxes(
@@ -77,16 +78,21 @@ def bboxes(
             right=box.right + parse_side(padding["right"], box_w, "mode.padding.right"),
             bottom=box.bottom + parse_side(padding["bottom"], box_h, "mode.padding.bottom"),
         ))
-    return _merge_boxes(predictor, image, boxes)
+    prediction, kept = _merge_boxes(predictor, image, boxes)
+    prediction.box_sources = [labels[i].class_title for i in kept]
+    return prediction
 
 
-def _merge_boxes(predictor: Predictor, image: np.ndarray, boxes: Sequence[Rectangle]) -> Prediction:
-    """Predict each box (cropped to the image) and average the probabilities where boxes overlap."""
+def _merge_boxes(
+    predictor: Predictor, image: np.ndarray, boxes: Sequence[Rectangle]
+) -> tuple[Prediction, list[int]]:
+    """Predict each box (cropped to the image) and average the probabilities where boxes overlap;
+    also returns the indices of the boxes kept (a box wholly outside the image is skipped)."""
     height, width = image.shape[:2]
     probs = np.zeros((predictor.num_classes, height, width), np.float32)
     counts = np.zeros((height, width), np.float32)
-    kept = []
-    for box in boxes:
+    kept_boxes, kept = [], []
+    for i, box in enumerate(boxes):
         left, top = max(box.left, 0), max(box.top, 0)
         right, bottom = min(box.right, width - 1), min(box.bottom, height - 1)
         if left > right or top > bottom:
@@ -95,10 +101,11 @@ def _merge_boxes(predictor: Predictor, image: np.ndarray, boxes: Sequence[Rectan
         crop = image[top : bottom + 1, left : right + 1]
         probs[:, top : bottom + 1, left : right + 1] += predictor.probabilities([crop])[0].cpu().numpy()
         counts[top : bottom + 1, left : right + 1] += 1
-        kept.append(Rectangle(left, top, right, bottom))
+        kept_boxes.append(Rectangle(left, top, right, bottom))
+        kept.append(i)
     covered = counts > 0
     np.divide(probs, counts, out=probs, where=covered)
-    return Prediction(probs, covered, kept)
+    return Prediction(probs, covered, kept_boxes), kept
 
 
 def window_starts(length: int, window: int, stride: int) -> list[int]:

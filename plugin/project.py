@@ -180,6 +180,16 @@ def read_image(path: Path) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
+def check_image_size(item: Item, ann: Annotation, height: int, width: int) -> None:
+    """An annotation must describe its image's real size: objects are cropped to `size`, not to the pixels."""
+    if (ann.height, ann.width) != (height, width):
+        raise TaskError(
+            f"the annotation says the image is {ann.width}x{ann.height} (width x height), "
+            f"but {item.image_path.name} is {width}x{height}",
+            where=item.ann_path,
+        )
+
+
 def link_or_copy(src: Path, dst: Path) -> None:
     """Put src at dst as a hard link (no copy of a large image), or as a copy across file systems."""
     dst.parent.mkdir(parents=True, exist_ok=True)

@@ -123,6 +123,7 @@ def test_bboxes_pad_and_merge_overlaps_by_probability(predictor):
     pred = modes.bboxes(predictor, image, labels, {"left": "10%", "top": "0px", "right": "0px", "bottom": "5px"})
     # 10% of the 30-px-wide rectangle is 3 px; the polygon's box is 20 wide -> 2 px.
     assert pred.boxes == [Rectangle(17, 20, 49, 44), Rectangle(8, 10, 29, 34)]
+    assert pred.box_sources == ["x", "y"]
     assert_probabilities(pred, (60, 80))
     first = predictor.probabilities([image[20:45, 17:50]])[0].numpy()
     second = predictor.probabilities([image[10:35, 8:30]])[0].numpy()
@@ -135,4 +136,4 @@ def test_bboxes_pad_and_merge_overlaps_by_probability(predictor):
 def test_boxes_outside_the_image_are_skipped(predictor):
     image = textured(30, 30)
     pred = modes.bboxes(predictor, image, [Label("x", Rectangle(40, 40, 50, 50))], {k: "0px" for k in ("left", "top", "right", "bottom")})
-    assert pred.boxes == [] and not pred.covered.any()
+    assert pred.boxes == [] and pred.box_sources == [] and not pred.covered.any()
