@@ -39,14 +39,19 @@ _ENV_LEVELS = {"TRACE": logging.DEBUG, "DEBUG": logging.DEBUG, "INFO": logging.I
                "WARNING": logging.WARNING, "ERROR": logging.ERROR, "FATAL": logging.CRITICAL,
                "CRITICAL": logging.CRITICAL}
 _STANDARD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+# The last setup()'s resolved (view, level), so that a spawned training process logs the same way.
+_settings: tuple[str, str | None] = ("json", None)
 
 
-def setup(view: str = "auto", stream: TextIO | None = None, level: str | None = None) -> None:
+def setup(view: str = "auto", stream: TextIO | None = None, level: str | None = None,
+          errors_only: bool = False) -> None:
     """Send all log records to `stream` (stdout) as JSON lines ("json") or readable text ("human").
 
     "auto" picks human when the stream is a terminal. `level` defaults to $LOG_LEVEL, else INFO.
-    Calling it again replaces the console handler; an added log file stays.
+    `errors_only` shows errors and nothing else, protocol lines included: the view of a training
+    process other than rank 0. Calling it again replaces the console handler; an added log file stays.
     """
+    global _settings
     stream = sys.stdout if stream is None else stream
     if view == "auto":
         view = "human" if _isatty(stream) else "json"
@@ -64,7 +69,10 @@ def setup(view: str = "auto", stream: TextIO | None = None, level: str | None = 
         handler = logging.StreamHandler(stream)
         handler.setFormatter(JsonFormatter())
     setattr(handler, _CONSOLE_MARK, True)
+    if errors_only:
+        handler.setLevel(logging.ERROR)
     root.addHandler(handler)
+    _settings = (view, level)
     root.setLevel(max(levelno, logging.INFO))
     for name in _OWN_LOGGERS:
         logging.getLogger(name).setLevel(levelno)
@@ -137,11 +145,26 @@ def run_main(main_name: str, main: Callable[[], object]) -> int:
     try:
         main()
     except Exception as e:  # noqa: BLE001 - turning every failure into the agent's crash line is the point
-        message = str(e) if isinstance(e, TaskError) else f"{type(e).__name__}: {e}"
+        message = crash_message(e)
         _events.critical(message, extra={"event_type": EVENT_TASK_CRASHED, "main_name": main_name,
                                          "exc_str": str(e), "stack": _stack(e)})
         return 1
     return 0
+
+
+def settings() -> tuple[str, str | None]:
+    """(view, level) of the last setup(), view resolved to "json" or "human"."""
+    return _settings
+
+
+def crash_message(error: BaseException) -> str:
+    """The crash line's message: a TaskError's own text, else the exception type and text."""
+    return str(error) if isinstance(error, TaskError) else f"{type(error).__name__}: {error}"
+
+
+def stack_lines(error: BaseException | None) -> list[str]:
+    """The traceback of `error` as lines; an error relayed from another process carries that process's (`remote_stack`)."""
+    return _stack(error)
 
 
 class JsonFormatter(logging.Formatter):
@@ -265,6 +288,9 @@ def _extras(record: logging.LogRecord) -> dict[str, Any]:
 def _stack(error: BaseException | None) -> list[str]:
     if error is None:
         return []
+    remote = getattr(error, "remote_stack", None)
+    if remote is not None:
+        return list(remote)
     return "".join(traceback.format_exception(type(error), error, error.__traceback__)).splitlines()
 
 

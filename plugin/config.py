@@ -39,6 +39,9 @@ TRAIN_DEFAULTS: dict = {
     "validate_with_model_eval": True,
     "weights_init_type": "transfer_learning",
     "gpu_devices": [0],
+    "sync_batchnorm": True,
+    "cpu_processes": 1,
+    "seed": 0,
 }
 
 _MATCH_ALL = "__all__"

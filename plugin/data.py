@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import cv2
@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from plugin.classes import ClassMapping
+from plugin.classes import NEUTRAL_INDEX, ClassMapping
 from plugin.errors import TaskError
 from plugin.masks import rasterize
 from plugin.project import Item, ProjectMeta, check_image_size, read_annotation, read_image, read_image_tags
@@ -146,7 +146,11 @@ def prepare_masks(
 
 
 class SegmentationDataset(Dataset):
-    """(image float32 (3, H, W), target int64 (H, W)) pairs at the input size, targets from the mask cache."""
+    """(image float32 (3, H, W), target int64 (H, W)) pairs at the input size, targets from the mask cache.
+
+    An index from len(self) on is padding (see val_shard): a zero image whose target is all neutral,
+    so it counts in no loss and no metric.
+    """
 
     def __init__(
         self,
@@ -164,6 +168,9 @@ class SegmentationDataset(Dataset):
         return len(self.items)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if index >= len(self.items):
+            image = torch.zeros(3, self.height, self.width)
+            return image, torch.full((self.height, self.width), NEUTRAL_INDEX, dtype=torch.int64)
         # A file can pass the header check and still fail to decode; replace it by another sample
         # while the split's budget allows, as the legacy trainer did.
         for _ in range(100):
@@ -186,8 +193,26 @@ def _limit_worker_threads(_worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
-def make_loader(dataset: SegmentationDataset, batch_size: int, workers: int, shuffle: bool) -> DataLoader:
-    """A DataLoader over the dataset; batch_size is already multiplied by the number of devices."""
+def val_shard(size: int, rank: int, world_size: int) -> tuple[list[int], int]:
+    """Rank's validation indices and how many of them are real samples.
+
+    Every sample is in exactly one shard (indices rank, rank + world, ...). The shorter shards are
+    padded up to the longest with indices >= size (the dataset's padding samples), so every rank
+    runs as many batches: with SyncBatchNorm in train mode a rank with a batch less would hang the others.
+    """
+    shard = list(range(rank, size, world_size))
+    longest = -(-size // world_size)
+    return shard + [size] * (longest - len(shard)), len(shard)
+
+
+def make_loader(
+    dataset: SegmentationDataset,
+    batch_size: int,
+    workers: int,
+    shuffle: bool = False,
+    sampler: Iterable[int] | None = None,
+) -> DataLoader:
+    """A DataLoader over the dataset, batch_size images per process; `sampler` (indices) replaces shuffle."""
     # One OpenCV thread per process keeps workers from oversubscribing the cores. It must be set here,
     # in the parent, before the workers fork: OpenCV's thread pool does not survive fork, and a worker
     # that changes the thread count after the parent used the pool hangs for good.
@@ -196,6 +221,7 @@ def make_loader(dataset: SegmentationDataset, batch_size: int, workers: int, shu
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
+        sampler=sampler,
         num_workers=workers,
         worker_init_fn=_limit_worker_threads if workers > 0 else None,
         persistent_workers=workers > 0,

@@ -2,25 +2,33 @@
 
 `train_task` reads like that flow; `fit` is the plain loop (forward, loss, backward, step, validate
 when the planner says so, checkpoint after every validation).
+
+With more than one process (gpu_devices, cpu_processes or torchrun) every rank runs the same flow
+on its share of each batch under DistributedDataParallel. The figures that drive the run (train
+metrics, validation loss and confusion matrix) are summed over the ranks, so every rank takes the
+same decisions and rank 0 logs what a single process would; only rank 0 writes files.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
 
-from plugin import agent_log
+from plugin import agent_log, distributed
 from plugin.checkpoints import CONFIG_NAME, WEIGHTS_NAME, CheckpointWriter, checkpoint_config
 from plugin.classes import NEUTRAL_INDEX, ClassMapping, build_mapping, check_continue_training, titles_by_index
 from plugin.config import load_train_config
-from plugin.data import CorruptionBudget, SegmentationDataset, make_loader, prepare_masks, split_items
-from plugin.devices import DevicePlan, plan_devices
+from plugin.data import CorruptionBudget, SegmentationDataset, make_loader, prepare_masks, split_items, val_shard
+from plugin.devices import WorldPlan, plan_world
+from plugin.distributed import DistContext
 from plugin.errors import TaskError
 from plugin.jsonfile import read_json
 from plugin.losses import segmentation_loss
@@ -84,16 +92,31 @@ class LrPolicy:
 
 @dataclass
 class TrainSummary:
+    """What rank 0 wrote; the other ranks write nothing (empty list, no best checkpoint)."""
+
     checkpoints: list[Path]
-    best_checkpoint: Path
+    best_checkpoint: Path | None
     best_val_metrics: dict[str, float]
     final_val_metrics: dict[str, float]
 
 
 def train_task(task: TaskDir) -> TrainSummary:
-    """Run the whole train task of a task dir; raises TaskError on bad input."""
-    agent_log.add_log_file(task.tmp_dir / "train_log.jsonl")
+    """Run the whole train task of a task dir, in one process or several; raises TaskError on bad input."""
+    if distributed.env_rank() == 0:
+        agent_log.add_log_file(task.tmp_dir / "train_log.jsonl")
     config = load_train_config(task.config_path)
+    world = plan_world(config["gpu_devices"], config["cpu_processes"])
+    if world.world_size > 1 and not distributed.under_torchrun():
+        log.info(f"training with {world.world_size} processes ({world.backend})",
+                 extra={"world_size": world.world_size, "backend": world.backend})
+    return distributed.launch(world.world_size, world.backend, train_rank, (task, config, world))
+
+
+def train_rank(ctx: DistContext, task: TaskDir, config: dict, world: WorldPlan) -> TrainSummary:
+    """One process's part of the train task."""
+    if ctx.is_main:
+        agent_log.add_log_file(task.tmp_dir / "train_log.jsonl")
+    device = world.device(ctx.local_rank)
     project_dir = find_project(task.data_dir)
     meta = read_meta(project_dir)
     specials = config["special_classes"]
@@ -102,15 +125,25 @@ def train_task(task: TaskDir) -> TrainSummary:
 
     tags = config["dataset_tags"]
     splits = split_items(list_items(project_dir), tags["train"], tags["val"])
-    plan = plan_devices(config["gpu_devices"])
+    train_data = build_dataset("train", splits["train"], meta, mapping, config)
+    val_data = build_dataset("val", splits["val"], meta, mapping, config)
+    workers = config["data_workers"]
+    # DistributedSampler for every world size, so the global batch of step i holds the same samples
+    # whatever the number of processes (rank r takes every world-th index of one seeded permutation).
+    train_sampler = DistributedSampler(
+        train_data, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=config["seed"], drop_last=False
+    )
+    val_indices, val_real = val_shard(len(val_data), ctx.rank, ctx.world_size)
     loaders = {
-        split: build_loader(split, items, meta, mapping, config, plan) for split, items in splits.items()
+        "train": make_loader(train_data, config["batch_size"]["train"], workers["train"], sampler=train_sampler),
+        "val": make_loader(val_data, config["batch_size"]["val"], workers["val"], sampler=val_indices),
     }
 
+    torch.manual_seed(config["seed"])
     model = build_model(mapping.num_classes)
     apply_initial_weights(model, initial_weights, config["weights_init_type"], task.model_dir / WEIGHTS_NAME)
-    writer = CheckpointWriter(task.results_dir, task.tmp_dir / "checkpoints")
-    return fit(model, loaders, config, mapping, plan, writer)
+    writer = CheckpointWriter(task.results_dir, task.tmp_dir / "checkpoints") if ctx.is_main else None
+    return fit(model, loaders, config, mapping, device, writer, ctx, val_real)
 
 
 def read_initial_weights(model_dir: Path, init_type: str, mapping: ClassMapping) -> dict[str, torch.Tensor] | None:
@@ -150,18 +183,16 @@ def apply_initial_weights(
         )
 
 
-def build_loader(
-    split: str, items: list, meta: ProjectMeta, mapping: ClassMapping, config: dict, plan: DevicePlan
-) -> DataLoader:
+def build_dataset(
+    split: str, items: list, meta: ProjectMeta, mapping: ClassMapping, config: dict
+) -> SegmentationDataset:
     size = (config["input_size"]["width"], config["input_size"]["height"])
     budget = CorruptionBudget.create(split, config["allow_corrupted_samples"][split])
     progress = agent_log.Progress(f"Preparing {split} masks: ", len(items))
     kept, masks = prepare_masks(items, meta, mapping, size, budget, on_item=progress.tick)
     if not kept:
         raise TaskError(f"every sample of the {split} split is corrupted", where=f"dataset_tags.{split}")
-    dataset = SegmentationDataset(kept, masks, size, budget)
-    batch = config["batch_size"][split] * plan.count
-    return make_loader(dataset, batch, config["data_workers"][split], shuffle=split == "train")
+    return SegmentationDataset(kept, masks, size, budget)
 
 
 def loss_fn(config: dict, num_classes: int):
@@ -186,14 +217,19 @@ def fit(
     loaders: dict[str, DataLoader],
     config: dict,
     mapping: ClassMapping,
-    plan: DevicePlan,
-    writer: CheckpointWriter,
+    device: torch.device,
+    writer: CheckpointWriter | None,
+    ctx: DistContext = distributed.SINGLE,
+    val_real: int | None = None,
 ) -> TrainSummary:
-    """The loop: Adam, per-iteration train metrics, validation and a checkpoint when the planner says so."""
-    device = plan.device
+    """The loop: Adam, per-iteration train metrics, validation and a checkpoint when the planner says so.
+
+    `writer` is None on the ranks that write nothing; `val_real` is how many of this rank's val
+    samples are real (the rest is padding), all of them when None.
+    """
     model.to(device)
-    net: nn.Module = nn.DataParallel(model, device_ids=list(plan.device_ids)) if plan.count > 1 else model
-    optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"])
+    net = wrap_model(model, device, ctx, config["sync_batchnorm"])
+    optimizer = torch.optim.Adam(net.parameters(), lr=config["lr"])
     compute_loss = loss_fn(config, mapping.num_classes)
     titles = titles_by_index(mapping.title_to_idx)
     iters = len(loaders["train"])
@@ -203,10 +239,13 @@ def fit(
     ckpt_config = checkpoint_config(config, mapping)
     progress = agent_log.Progress("Model training: ", epochs * iters)
     saved: list[Path] = []
-    best: tuple[Path, dict[str, float]] | None = None
+    best: tuple[Path | None, dict[str, float]] | None = None
     val_metrics: dict[str, float] = {}
+    sampler = loaders["train"].sampler
 
     for epoch in range(epochs):
+        if isinstance(sampler, DistributedSampler):
+            sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every rank
         for iteration, (images, targets) in enumerate(loaders["train"]):
             net.train()
             images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
@@ -219,15 +258,22 @@ def fit(
 
             epoch_float = epoch + (iteration + 1) / iters
             with torch.no_grad():
-                cm = confusion_matrix(logits.argmax(1), targets, mapping.num_classes, NEUTRAL_INDEX)
-            train_metrics, _ = batch_metrics(cm, titles)
-            agent_log.log_metrics("train", epoch_float, {"loss": float(loss.detach()), **_headline(train_metrics)})
+                cm = distributed.all_reduce_sum(
+                    confusion_matrix(logits.argmax(1), targets, mapping.num_classes, NEUTRAL_INDEX)
+                )
+                # DDP's gradient is the mean of the ranks' losses; the logged loss is the same mean.
+                mean_loss = distributed.all_reduce_sum(loss.detach().float().clone()) / ctx.world_size
+            train_metrics, _ = batch_metrics(cm.cpu(), titles)
+            agent_log.log_metrics("train", epoch_float, {"loss": float(mean_loss), **_headline(train_metrics)})
 
             if planner.due(epoch, iteration):
-                val_metrics, absent = validate(net, loaders["val"], compute_loss, mapping, titles, device, config)
+                val_metrics, absent = validate(
+                    net, loaders["val"], compute_loss, mapping, titles, device, config, val_real
+                )
                 agent_log.log_metrics("val", epoch_float, val_metrics, absent_classes=absent)
-                path = writer.save(ckpt_config, model, epoch_float, val_metrics)
-                saved.append(path)
+                path = writer.save(ckpt_config, model, epoch_float, val_metrics) if writer is not None else None
+                if path is not None:
+                    saved.append(path)
                 if best is None or val_metrics["loss"] < best[1]["loss"]:
                     best = (path, val_metrics)
                 if lr_policy.step(val_metrics["loss"], optimizer):
@@ -237,7 +283,37 @@ def fit(
                         extra={"lr": optimizer.param_groups[0]["lr"]},
                     )
     assert best is not None, "the planner always validates after the last iteration"
+    _dump_rank_weights(model, ctx)
+    # The last checkpoint is on disk before any rank leaves the process group.
+    distributed.barrier()
     return TrainSummary(saved, best[0], best[1], val_metrics)
+
+
+def wrap_model(model: nn.Module, device: torch.device, ctx: DistContext, sync_batchnorm: bool) -> nn.Module:
+    """The model itself in one process; with several, DistributedDataParallel (SyncBatchNorm first on CUDA).
+
+    Converting in place keeps `model` the module whose state dict the checkpoints save, with the same names.
+    """
+    if ctx.world_size == 1:
+        return model
+    if sync_batchnorm and device.type == "cuda":
+        for name, child in list(model.named_children()):
+            setattr(model, name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
+    elif sync_batchnorm and ctx.is_main:
+        log.info("sync_batchnorm: torch's SyncBatchNorm runs on CUDA only, so each CPU process normalises "
+                 "over its own batch")
+    # static_graph: the legacy network keeps a block its forward never uses (for the checkpoint names);
+    # DDP learns that from the first step instead of searching the graph for unused parameters every step.
+    return DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None, static_graph=True
+    )
+
+
+def _dump_rank_weights(model: nn.Module, ctx: DistContext) -> None:
+    folder = os.environ.get(distributed.DUMP_WEIGHTS_ENV)
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, Path(folder) / f"rank{ctx.rank}.pt")
 
 
 def _headline(metrics: dict[str, float]) -> dict[str, float]:
@@ -253,18 +329,31 @@ def validate(
     titles: list[str],
     device: torch.device,
     config: dict,
+    real: int | None = None,
 ) -> tuple[dict[str, float], list[str]]:
-    """Loss (mean over samples) and confusion-matrix metrics over the whole val split, and the absent classes."""
+    """Loss (mean of the per-sample losses) and confusion-matrix metrics over the whole val split, and the absent classes.
+
+    The loss is computed sample by sample so that it does not depend on how the split is batched or
+    sharded; sums and counts are added over the ranks, so every rank returns the same figures.
+    The first `real` samples of this rank's loader count (None: all); the rest is padding.
+    """
     net.train(not config["validate_with_model_eval"])
-    cm = torch.zeros(mapping.num_classes, mapping.num_classes, dtype=torch.int64)
-    loss_sum, count = 0.0, 0
+    cm = torch.zeros(mapping.num_classes, mapping.num_classes, dtype=torch.int64, device=device)
+    loss_sum, seen = 0.0, 0
+    counted = 0
     with torch.no_grad():
         for images, targets in loader:
             images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             logits = net(images)
-            loss_sum += float(compute_loss(logits, targets)) * len(images)
-            count += len(images)
-            cm += confusion_matrix(logits.argmax(1), targets, mapping.num_classes, NEUTRAL_INDEX).cpu()
-    metrics, absent = batch_metrics(cm, titles)
-    metrics = {"loss": loss_sum / count, **metrics}
+            keep = len(images) if real is None else max(0, min(len(images), real - seen))
+            seen += len(images)
+            for i in range(keep):
+                loss_sum += float(compute_loss(logits[i : i + 1], targets[i : i + 1]))
+            counted += keep
+            # Padding samples are all neutral: they add nothing to the confusion matrix.
+            cm += confusion_matrix(logits.argmax(1), targets, mapping.num_classes, NEUTRAL_INDEX)
+    totals = distributed.all_reduce_sum(torch.tensor([loss_sum, float(counted)], dtype=torch.float64, device=device))
+    distributed.all_reduce_sum(cm)
+    metrics, absent = batch_metrics(cm.cpu(), titles)
+    metrics = {"loss": float(totals[0] / totals[1]), **metrics}
     return metrics, absent

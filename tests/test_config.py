@@ -59,7 +59,21 @@ def test_legacy_basic_config_is_valid(tmp_path):
 
 
 def test_legacy_full_config_is_valid_and_kept(tmp_path):
-    assert load_train_config(write_config(tmp_path, LEGACY_FULL)) == LEGACY_FULL
+    # Only the keys legacy never had are added, with their defaults.
+    new_keys = {"sync_batchnorm": True, "cpu_processes": 1, "seed": 0}
+    assert load_train_config(write_config(tmp_path, LEGACY_FULL)) == {**LEGACY_FULL, **new_keys}
+
+
+def test_distributed_keys(tmp_path):
+    config = load_train_config(write_config(tmp_path, {"cpu_processes": 2, "seed": 7, "sync_batchnorm": False}))
+    assert (config["cpu_processes"], config["seed"], config["sync_batchnorm"]) == (2, 7, False)
+    with pytest.raises(TaskError) as caught:
+        load_train_config(write_config(tmp_path, {"cpu_processes": 0, "seed": -1, "sync_batchnorm": "yes"}))
+    assert problems(caught.value) == [
+        "cpu_processes: 0 is less than the minimum of 1",
+        "seed: -1 is less than the minimum of 0",
+        "sync_batchnorm: 'yes' is not of type 'boolean'",
+    ]
 
 
 def test_empty_config_gives_the_defaults(tmp_path):
@@ -170,7 +184,7 @@ def test_validate_reports_missing_keys():
     assert info.value.where == "cfg"
     assert "input_size.height: missing required key" in lines
     assert "lr: missing required key" in lines
-    assert len(lines) == 13 + 1  # 13 of the 15 top-level keys are absent, and the height
+    assert len(lines) == 16 + 1  # 16 of the 18 top-level keys are absent, and the height
 
 
 def test_integral_floats_become_ints(tmp_path):
