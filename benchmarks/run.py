@@ -6,12 +6,15 @@
 3. sliding_window on a 2048x2048 image: the share of its time a bare batched forward over the same
    tiles takes; target >= 90%.
 4. Peak memory (max RSS) of a whole inference run on one 4096x4096 image with a 5-class model; target < 2 GB.
+5. Data-parallel training: the step time of 1 process against 2 gloo processes on this machine (the
+   same batch per process), and the share of the 2-process step spent in the gradient all-reduce.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -22,8 +25,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from plugin import modes
+from plugin import distributed, modes
 from plugin.checkpoints import legacy_state_dict
 from plugin.classes import NEUTRAL_INDEX, build_mapping
 from plugin.data import CorruptionBudget, SegmentationDataset, make_loader, normalize, prepare_masks, resize_image
@@ -33,6 +37,7 @@ from plugin.masks import rasterize
 from plugin.model import build_model
 from plugin.predictor import Predictor
 from plugin.project import list_items, read_annotation, read_meta
+from plugin.train import wrap_model
 
 CLASSES = [
     {"title": "poly", "shape": "polygon", "color": "#FF0000"},
@@ -208,6 +213,57 @@ def bench_inference_memory(tmp: Path, size: int, window: int, input_size: int) -
     return peak
 
 
+def _timed_allreduce(state: dict, bucket):  # no annotations: DDP compares them to its own types, and ours are strings
+    # DDP's own hook is asynchronous and overlaps the backward pass; this one waits for each all-reduce
+    # so its time can be measured: the share it reports is an upper bound of what the overlap leaves.
+    start = time.perf_counter()
+    buffer = bucket.buffer()
+    dist.all_reduce(buffer)
+    buffer.div_(dist.get_world_size())
+    state["seconds"] += time.perf_counter() - start
+    future = torch.futures.Future()
+    future.set_result(buffer)
+    return future
+
+
+def _ddp_rank(ctx: distributed.DistContext, size: int, batch: int, steps: int) -> tuple[float, float]:
+    """(median step seconds, median all-reduce seconds per step) of this rank."""
+    torch.manual_seed(ctx.rank)
+    images, targets = torch.randn(batch, 3, size, size), torch.randint(0, 4, (batch, size, size))
+    torch.manual_seed(0)
+    model = build_model(4)
+    net = wrap_model(model, torch.device("cpu"), ctx, sync_batchnorm=False)
+    comm = {"seconds": 0.0}
+    if ctx.world_size > 1:
+        net.register_comm_hook(comm, _timed_allreduce)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    net.train()
+    step_times, comm_times = [], []
+    for _ in range(steps + 1):
+        distributed.barrier()
+        comm["seconds"] = 0.0
+        start = time.perf_counter()
+        loss = segmentation_loss(net(images), targets, 4, NEUTRAL_INDEX, 1.0, 1.0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        step_times.append(time.perf_counter() - start)
+        comm_times.append(comm["seconds"])
+    # The first step warms up the allocator (and lets DDP learn the static graph).
+    return float(np.median(step_times[1:])), float(np.median(comm_times[1:]))
+
+
+def bench_ddp(size: int, batch: int, steps: int) -> float:
+    one, _ = distributed.launch(1, "gloo", _ddp_rank, (size, batch, steps))
+    two, comm = distributed.launch(2, "gloo", _ddp_rank, (size, batch, steps))
+    share = comm / two
+    print(f"ddp ({os.cpu_count()} cores, {size}x{size}, batch {batch} per process, median of {steps} steps): "
+          f"1 process {one:.2f} s/step ({batch / one:.2f} images/s); 2 gloo processes {two:.2f} s/step "
+          f"({2 * batch / two:.2f} images/s, {one * 2 / two:.2f}x the throughput); gradient all-reduce "
+          f"{comm:.2f} s = {share:.0%} of the 2-process step (timed synchronously: no overlap with backward)")
+    return share
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=48)
@@ -218,16 +274,27 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--window", type=int, default=256, help="sliding_window window side")
     parser.add_argument("--infer-input", type=int, default=128, help="model input side for the inference benchmarks")
+    parser.add_argument("--ddp-size", type=int, default=128, help="input side for the data-parallel benchmark")
+    parser.add_argument("--ddp-batch", type=int, default=2, help="batch per process for the data-parallel benchmark")
+    parser.add_argument("--ddp-steps", type=int, default=5)
+    parser.add_argument("--only-ddp", action="store_true", help="run the data-parallel benchmark alone")
     args = parser.parse_args()
+    if args.only_ddp:
+        print(f"reproduce: .venv/bin/python -m benchmarks.run --only-ddp --ddp-size {args.ddp_size} "
+              f"--ddp-batch {args.ddp_batch} --ddp-steps {args.ddp_steps}")
+        bench_ddp(args.ddp_size, args.ddp_batch, args.ddp_steps)
+        return
     print(f"reproduce: .venv/bin/python -m benchmarks.run --images {args.images} --repeats {args.repeats} "
           f"--size {args.size} --batch {args.batch} --workers {args.workers} --steps {args.steps} "
-          f"--window {args.window} --infer-input {args.infer_input}  (or: make bench)")
+          f"--window {args.window} --infer-input {args.infer_input} --ddp-size {args.ddp_size} "
+          f"--ddp-batch {args.ddp_batch} --ddp-steps {args.ddp_steps}  (or: make bench)")
     with tempfile.TemporaryDirectory() as tmp:
         project = make_bench_project(Path(tmp) / "bench", args.images)
         bench_rasterize(project, args.repeats)
         bench_loader_vs_step(project, args.size, args.batch, args.workers, args.steps)
         bench_sliding_window(2048, args.window, 32, args.infer_input, 8)
         bench_inference_memory(Path(tmp), 4096, 512, args.infer_input)
+    bench_ddp(args.ddp_size, args.ddp_batch, args.ddp_steps)
 
 
 if __name__ == "__main__":

@@ -68,6 +68,13 @@ def env_rank() -> int:
     return int(os.environ.get("RANK", "0")) if under_torchrun() else 0
 
 
+def quiet_other_ranks() -> None:
+    """Under torchrun, a rank other than 0 logs errors only from here on (rank 0 speaks for the job)."""
+    if env_rank() != 0:
+        view, level = agent_log.settings()
+        agent_log.setup(view, level=level, errors_only=True)
+
+
 def launch(world_size: int, backend: str, fn: Callable[..., Any], args: tuple) -> Any:
     """fn(ctx, *args) on every rank; returns rank 0's result.
 
@@ -106,9 +113,6 @@ def _run_torchrun_rank(backend: str, fn: Callable[..., Any], args: tuple) -> Any
         local_rank=int(os.environ.get("LOCAL_RANK", "0")),
         backend=backend,
     )
-    if not ctx.is_main:
-        view, level = agent_log.settings()
-        agent_log.setup(view, level=level, errors_only=True)
     # Each torchrun process is its own main and logs its own crash line, so the line names the rank.
     try:
         dist.init_process_group(backend, init_method="env://", timeout=COLLECTIVE_TIMEOUT)

@@ -102,6 +102,7 @@ class TrainSummary:
 
 def train_task(task: TaskDir) -> TrainSummary:
     """Run the whole train task of a task dir, in one process or several; raises TaskError on bad input."""
+    distributed.quiet_other_ranks()
     if distributed.env_rank() == 0:
         agent_log.add_log_file(task.tmp_dir / "train_log.jsonl")
     config = load_train_config(task.config_path)

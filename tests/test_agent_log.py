@@ -10,6 +10,7 @@ import warnings
 import numpy as np
 import pytest
 
+from plugin import agent_log
 from plugin.agent_log import Progress, add_log_file, log_checkpoint, log_metrics, log_model_applied, run_main, setup
 from plugin.errors import TaskError
 
@@ -23,7 +24,9 @@ def restore_logging():
     """setup() changes process-wide logging: put it back so other test modules see what they expect."""
     root = logging.getLogger()
     levels = {name: logging.getLogger(name).level for name in ("", "plugin", "entrypoints", "__main__")}
+    settings = agent_log.settings()
     yield
+    agent_log._settings = settings
     for handler in list(root.handlers):
         if getattr(handler, "_sly_unet_console", False) or getattr(handler, "_sly_unet_file", None):
             root.removeHandler(handler)
@@ -152,6 +155,22 @@ def test_protocol_lines_survive_a_quiet_log_level():
     Progress("Model training: ", 1)
     log_checkpoint(0, "00000000", 1, True, {})
     assert [line["message"] for line in parse(out)] == ["progress", "checkpoint"]
+
+
+def test_errors_only_keeps_errors_and_drops_protocol_lines():
+    # The view of a training rank other than 0: rank 0 logs progress and metrics for the job.
+    out = io.StringIO()
+    setup("json", out, level="DEBUG", errors_only=True)
+    log.warning("a warning")
+    Progress("Model training: ", 1)
+    log_metrics("train", 1.0, {"loss": 0.5})
+    log.error("a real problem")
+    assert [line["message"] for line in parse(out)] == ["a real problem"]
+
+
+def test_settings_remember_the_resolved_view_and_level():
+    setup("auto", io.StringIO(), level="DEBUG")
+    assert agent_log.settings() == ("json", "DEBUG")
 
 
 def test_third_party_loggers_and_warnings_are_json():

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
 import shutil
 import signal
@@ -19,7 +21,8 @@ from plugin.checkpoints import WEIGHTS_NAME, legacy_state_dict
 from plugin.classes import build_mapping
 from plugin.config import load_train_config
 from plugin.data import split_items, val_shard
-from plugin.distributed import DUMP_WEIGHTS_ENV
+from plugin import agent_log
+from plugin.distributed import DUMP_WEIGHTS_ENV, RankFailed
 from plugin.model import build_model
 from plugin.project import find_project, list_items, read_meta
 from plugin.train import apply_initial_weights, build_dataset, loss_fn
@@ -48,6 +51,26 @@ def test_val_shards_cover_every_sample_once_with_padding_at_the_end():
     real = sorted(i for indices, count in shards for i in indices[:count])
     assert real == list(range(7))
     assert val_shard(4, 0, 1) == ([0, 1, 2, 3], 4)
+
+
+def test_a_relayed_rank_failure_is_one_crash_line_with_the_rank_s_stack():
+    out = io.StringIO()
+    agent_log.setup("json", out)
+    remote = ["Traceback (most recent call last):", '  File "train.py", line 1, in fit', "ValueError: boom"]
+    try:
+        assert agent_log.run_main("UNET_V2_TRAIN", lambda: _raise(RankFailed(1, "ValueError: boom", remote))) == 1
+    finally:
+        root = logging.getLogger()
+        for handler in [h for h in root.handlers if getattr(h, "_sly_unet_console", False)]:
+            root.removeHandler(handler)
+    [line] = [json.loads(text) for text in out.getvalue().splitlines()]
+    assert line["event_type"] == "EventType.TASK_CRASHED"
+    assert line["message"] == "rank 1: ValueError: boom"
+    assert line["stack"] == remote
+
+
+def _raise(error: Exception) -> None:
+    raise error
 
 
 def _run(task: Path, config: dict, dump: Path, source: Path) -> Run:
