@@ -31,6 +31,7 @@ from plugin import distributed, modes
 from plugin.checkpoints import legacy_state_dict
 from plugin.classes import NEUTRAL_INDEX, build_mapping
 from plugin.data import CorruptionBudget, SegmentationDataset, make_loader, normalize, prepare_masks, resize_image
+from plugin.devices import WorldPlan
 from plugin.geometry import encode_bitmap
 from plugin.losses import segmentation_loss
 from plugin.masks import rasterize
@@ -254,8 +255,8 @@ def _ddp_rank(ctx: distributed.DistContext, size: int, batch: int, steps: int) -
 
 
 def bench_ddp(size: int, batch: int, steps: int) -> float:
-    one, _ = distributed.launch(1, "gloo", _ddp_rank, (size, batch, steps))
-    two, comm = distributed.launch(2, "gloo", _ddp_rank, (size, batch, steps))
+    one, _ = distributed.launch(WorldPlan(1, ()), _ddp_rank, (size, batch, steps))
+    two, comm = distributed.launch(WorldPlan(2, ()), _ddp_rank, (size, batch, steps))
     share = comm / two
     print(f"ddp ({os.cpu_count()} cores, {size}x{size}, batch {batch} per process, median of {steps} steps): "
           f"1 process {one:.2f} s/step ({batch / one:.2f} images/s); 2 gloo processes {two:.2f} s/step "

@@ -24,6 +24,7 @@ import torch.multiprocessing as mp
 from torch.multiprocessing.spawn import ProcessException
 
 from plugin import agent_log
+from plugin.devices import WorldPlan
 from plugin.errors import TaskError
 
 # A rank waiting longer than this in a collective (a peer hung, not dead) fails instead of hanging forever.
@@ -75,16 +76,16 @@ def quiet_other_ranks() -> None:
         agent_log.setup(view, level=level, errors_only=True)
 
 
-def launch(world_size: int, backend: str, fn: Callable[..., Any], args: tuple) -> Any:
+def launch(world: WorldPlan, fn: Callable[..., Any], args: tuple) -> Any:
     """fn(ctx, *args) on every rank; returns rank 0's result.
 
-    world_size is ignored under torchrun (the environment decides); 1 runs fn in this process.
+    world.world_size is ignored under torchrun (the environment decides); 1 runs fn in this process.
     """
     if under_torchrun():
-        return _run_torchrun_rank(backend, fn, args)
-    if world_size == 1:
+        return _run_torchrun_rank(world, fn, args)
+    if world.world_size == 1:
         return fn(SINGLE, *args)
-    return _spawn(world_size, backend, fn, args)
+    return _spawn(world, fn, args)
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -106,16 +107,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _run_torchrun_rank(backend: str, fn: Callable[..., Any], args: tuple) -> Any:
+def _run_torchrun_rank(world: WorldPlan, fn: Callable[..., Any], args: tuple) -> Any:
     ctx = DistContext(
         rank=int(os.environ["RANK"]),
         world_size=int(os.environ["WORLD_SIZE"]),
         local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-        backend=backend,
+        backend=world.backend,
     )
     # Each torchrun process is its own main and logs its own crash line, so the line names the rank.
     try:
-        dist.init_process_group(backend, init_method="env://", timeout=COLLECTIVE_TIMEOUT)
+        _bind_device(world, ctx.local_rank)
+        dist.init_process_group(world.backend, init_method="env://", timeout=COLLECTIVE_TIMEOUT)
         try:
             return fn(ctx, *args)
         finally:
@@ -126,15 +128,22 @@ def _run_torchrun_rank(backend: str, fn: Callable[..., Any], args: tuple) -> Any
         raise RankFailed(ctx.rank, agent_log.crash_message(error), agent_log.stack_lines(error)) from error
 
 
-def _spawn(world_size: int, backend: str, fn: Callable[..., Any], args: tuple) -> Any:
+def _bind_device(world: WorldPlan, local_rank: int) -> None:
+    # NCCL talks through the current CUDA device: without this every rank of a node would use cuda:0.
+    device = world.device(local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
+def _spawn(world: WorldPlan, fn: Callable[..., Any], args: tuple) -> Any:
     context = mp.get_context("spawn")
     reports = context.SimpleQueue()
     port = free_port()
     try:
         mp.start_processes(
             _spawned_rank,
-            args=(world_size, backend, port, agent_log.settings(), reports, fn, args),
-            nprocs=world_size,
+            args=(world, port, agent_log.settings(), reports, fn, args),
+            nprocs=world.world_size,
             join=True,
             start_method="spawn",
         )
@@ -170,8 +179,7 @@ def _drain(reports: Any) -> list[tuple[str, int, Any]]:
 
 def _spawned_rank(
     rank: int,
-    world_size: int,
-    backend: str,
+    world: WorldPlan,
     port: int,
     log_settings: tuple[str, str | None],
     reports: Any,
@@ -181,11 +189,12 @@ def _spawned_rank(
     view, level = log_settings
     agent_log.setup(view, level=level, errors_only=rank != 0)
     # The ranks share the machine's cores: torch's default of one thread per core in each would oversubscribe them.
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    ctx = DistContext(rank=rank, world_size=world_size, local_rank=rank, backend=backend)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world.world_size))
+    ctx = DistContext(rank=rank, world_size=world.world_size, local_rank=rank, backend=world.backend)
     try:
+        _bind_device(world, rank)
         dist.init_process_group(
-            backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+            world.backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world.world_size,
             timeout=COLLECTIVE_TIMEOUT,
         )
         try:

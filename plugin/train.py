@@ -110,7 +110,7 @@ def train_task(task: TaskDir) -> TrainSummary:
     if world.world_size > 1 and not distributed.under_torchrun():
         log.info(f"training with {world.world_size} processes ({world.backend})",
                  extra={"world_size": world.world_size, "backend": world.backend})
-    return distributed.launch(world.world_size, world.backend, train_rank, (task, config, world))
+    return distributed.launch(world, train_rank, (task, config, world))
 
 
 def train_rank(ctx: DistContext, task: TaskDir, config: dict, world: WorldPlan) -> TrainSummary:
