@@ -29,6 +29,13 @@ from plugin.train import apply_initial_weights, build_dataset, loss_fn
 from plugin.weights import load_state_dict
 from tests.conftest import REPO, TINY_CONFIG, Run, make_task, run_entrypoint
 
+@pytest.fixture(autouse=True)
+def cpu_only(monkeypatch):
+    # These tests run the gloo path (cpu_processes); where CUDA exists, gpu_devices would set the world
+    # size instead. The child processes inherit the variable.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+
+
 # Both runs continue from the same checkpoint on the same 8 training images: 2 steps of a global batch of 4.
 CONTINUE = dict(TINY_CONFIG, weights_init_type="continue_training", epochs=1, val_every=1)
 ONE = dict(CONTINUE, batch_size={"train": 4, "val": 4}, cpu_processes=1)
