@@ -29,11 +29,14 @@ from plugin.train import apply_initial_weights, build_dataset, loss_fn
 from plugin.weights import load_state_dict
 from tests.conftest import REPO, TINY_CONFIG, Run, make_task, run_entrypoint
 
-@pytest.fixture(autouse=True)
-def cpu_only(monkeypatch):
+@pytest.fixture(autouse=True, scope="module")
+def cpu_only():
     # These tests run the gloo path (cpu_processes); where CUDA exists, gpu_devices would set the world
-    # size instead. The child processes inherit the variable.
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    # size instead. Module scope, so that it holds before the module's shared runs start; the child
+    # processes inherit the variable.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CUDA_VISIBLE_DEVICES", "")
+        yield
 
 
 # Both runs continue from the same checkpoint on the same 8 training images: 2 steps of a global batch of 4.
