@@ -14,14 +14,10 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DevicePlan:
-    """The device this process trains on, and how many devices share the global batch."""
+    """The first device a process uses, and every CUDA device asked for (empty on the CPU)."""
 
     device: torch.device
     device_ids: tuple[int, ...]
-
-    @property
-    def count(self) -> int:
-        return max(1, len(self.device_ids))
 
 
 def plan_devices(gpu_devices: list[int]) -> DevicePlan:
