@@ -147,7 +147,7 @@ def run_main(main_name: str, main: Callable[[], object]) -> int:
     except Exception as e:  # noqa: BLE001 - turning every failure into the agent's crash line is the point
         message = crash_message(e)
         _events.critical(message, extra={"event_type": EVENT_TASK_CRASHED, "main_name": main_name,
-                                         "exc_str": str(e), "stack": _stack(e)})
+                                         "exc_str": str(e), "stack": stack_lines(e)})
         return 1
     return 0
 
@@ -164,7 +164,12 @@ def crash_message(error: BaseException) -> str:
 
 def stack_lines(error: BaseException | None) -> list[str]:
     """The traceback of `error` as lines; an error relayed from another process carries that process's (`remote_stack`)."""
-    return _stack(error)
+    if error is None:
+        return []
+    remote = getattr(error, "remote_stack", None)
+    if remote is not None:
+        return list(remote)
+    return "".join(traceback.format_exception(type(error), error, error.__traceback__)).splitlines()
 
 
 class JsonFormatter(logging.Formatter):
@@ -173,7 +178,7 @@ class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {"message": record.getMessage(), **_extras(record)}
         if record.exc_info and "stack" not in line:
-            line["stack"] = _stack(record.exc_info[1])
+            line["stack"] = stack_lines(record.exc_info[1])
         line["timestamp"] = _timestamp(record)
         line["level"] = _level_name(record.levelno)
         return json.dumps(_jsonable(line))
@@ -233,7 +238,7 @@ class _HumanHandler(logging.StreamHandler):
         if extras:
             text += " (" + " ".join(f"{k}={v}" for k, v in extras.items()) + ")"
         if record.exc_info and self.show_tracebacks:
-            text += "\n" + "\n".join(_stack(record.exc_info[1]))
+            text += "\n" + "\n".join(stack_lines(record.exc_info[1]))
         return text
 
 
@@ -283,15 +288,6 @@ def _clock(seconds: float) -> str:
 
 def _extras(record: logging.LogRecord) -> dict[str, Any]:
     return {k: v for k, v in record.__dict__.items() if k not in _STANDARD_ATTRS}
-
-
-def _stack(error: BaseException | None) -> list[str]:
-    if error is None:
-        return []
-    remote = getattr(error, "remote_stack", None)
-    if remote is not None:
-        return list(remote)
-    return "".join(traceback.format_exception(type(error), error, error.__traceback__)).splitlines()
 
 
 def _timestamp(record: logging.LogRecord) -> str:

@@ -3,7 +3,6 @@ on the val images, and the mean IoU that `evaluate` measures on its output."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -38,7 +37,7 @@ def make_demo_task(root: Path, seed: int = 0) -> TaskDir:
         shutil.rmtree(root)
     task = TaskDir(root)
     make_project(task.data_dir / PROJECT, n_train=48, n_val=12, size=96, seed=seed)
-    task.config_path.write_text(json.dumps(DEMO_CONFIG, indent=4))
+    write_json(task.config_path, DEMO_CONFIG)
     return task
 
 

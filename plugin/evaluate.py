@@ -22,19 +22,17 @@ not in gt_pixels, and not in pred_pixels either.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from plugin.classes import NEUTRAL_INDEX, ClassMapping, build_mapping
+from plugin.classes import NEUTRAL_INDEX, ClassMapping, build_mapping, titles_by_index
 from plugin.errors import TaskError
-from plugin.geometry import draw
-from plugin.masks import rasterize
+from plugin.jsonfile import write_json
+from plugin.masks import draw_labels, rasterize
 from plugin.metrics import confusion_matrix, summarize
-from plugin.project import Annotation, find_project, list_items, read_annotation, read_meta
+from plugin.project import find_project, list_items, read_annotation, read_meta
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +80,8 @@ def evaluate_projects(
                 where=pred_item.ann_path,
             )
         target = torch.from_numpy(rasterize(gt_ann, mapping))
-        pred = torch.from_numpy(_prediction_mask(pred_ann, predicted))
+        # Only the predicted classes: the input's own objects, which inference copies into its output, stay out.
+        pred = torch.from_numpy(draw_labels(pred_ann, predicted.get))
         cm += confusion_matrix(pred[None], target[None], n, NEUTRAL_INDEX)
 
     ignored = len(pred_items) - len(gt_items)
@@ -91,7 +90,7 @@ def evaluate_projects(
             f"{ignored} prediction images have no ground-truth image and are ignored",
             extra={"ignored_pred_images": ignored, "pred": str(pred_project)},
         )
-    titles = sorted(mapping.title_to_idx, key=mapping.title_to_idx.__getitem__)
+    titles = titles_by_index(mapping.title_to_idx)
     scores = summarize(cm, titles)
     gt_pixels, pred_pixels = cm.sum(1).tolist(), cm.sum(0).tolist()
     return {
@@ -151,26 +150,13 @@ def run_evaluate(
     report = evaluate_projects(Path(gt_dir), Path(pred_dir), suffix, background, neutral)
     print(format_report(report))
     if out is not None:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(Path(out), report)
     return report
 
 
 def _predicted_titles(mapping: ClassMapping, suffix: str) -> dict[str, int]:
     """Prediction class title -> mask index: every ground-truth class (neutral is none) with the suffix."""
     return {f"{title}{suffix}": idx for title, idx in mapping.title_to_idx.items()}
-
-
-def _prediction_mask(ann: Annotation, predicted: dict[str, int]) -> np.ndarray:
-    """uint8 (H, W): background where nothing is predicted; objects of other classes (the input's own
-    objects, which inference copies into its output) are left out."""
-    mask = np.zeros((ann.height, ann.width), np.uint8)
-    for label in ann.labels:
-        idx = predicted.get(label.class_title)
-        if idx is not None:
-            draw(mask, label.geometry, idx)
-    return mask
 
 
 def _score(value: float | None) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -10,14 +10,23 @@ import numpy as np
 
 from plugin.classes import ClassMapping, build_mapping
 from plugin.geometry import draw
+from plugin.jsonfile import write_json
 from plugin.project import Annotation, find_project, list_items, read_annotation, read_meta
 
 
 def rasterize(ann: Annotation, mapping: ClassMapping) -> np.ndarray:
     """uint8 (H, W) of the annotation's size; objects are drawn in JSON order, a later one overwrites."""
+    return draw_labels(ann, mapping.index_of)
+
+
+def draw_labels(ann: Annotation, index_of: Callable[[str], int | None]) -> np.ndarray:
+    """uint8 (H, W) of the annotation's size, 0 where nothing is drawn; each label is drawn in JSON order
+    with index_of(its class title), and skipped where that is None."""
     mask = np.zeros((ann.height, ann.width), np.uint8)
     for label in ann.labels:
-        draw(mask, label.geometry, mapping.index_of(label.class_title))
+        idx = index_of(label.class_title)
+        if idx is not None:
+            draw(mask, label.geometry, idx)
     return mask
 
 
@@ -34,5 +43,5 @@ def write_masks(project_dir: Path, out_dir: Path, background: str, neutral: str)
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(cv2.imencode(".png", mask)[1].tobytes())
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "class_title_to_idx.json").write_text(json.dumps(mapping.with_neutral(), indent=4))
+    write_json(out_dir / "class_title_to_idx.json", mapping.with_neutral())
     return len(items)

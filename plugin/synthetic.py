@@ -7,7 +7,6 @@ tags. Pixels are painted from the annotation's own rasterization, so images and 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import cv2
@@ -15,6 +14,7 @@ import numpy as np
 
 from plugin.classes import build_mapping
 from plugin.geometry import encode_bitmap
+from plugin.jsonfile import write_json
 from plugin.masks import rasterize
 from plugin.project import read_annotation, read_meta
 
@@ -76,7 +76,7 @@ def make_project(root: Path, n_train: int, n_val: int, size: int = 96, seed: int
     """Write a project with n_train + n_val images of size x size into root; returns root."""
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
-    (root / "meta.json").write_text(json.dumps({"classes": CLASSES, "tags": TAGS}, indent=4))
+    write_json(root / "meta.json", {"classes": CLASSES, "tags": TAGS})
     meta = read_meta(root)
     mapping = build_mapping(meta, "bg", "neutral")
     titles = {idx: title for title, idx in mapping.with_neutral().items()}
@@ -94,7 +94,7 @@ def make_project(root: Path, n_train: int, n_val: int, size: int = 96, seed: int
         # Lossless PNG for most, JPEG for some, so both decoders are exercised.
         name = f"img_{i:04d}.{'jpg' if i % 5 == 4 else 'png'}"
         ann_path = ann_dir / f"{name}.json"
-        ann_path.write_text(json.dumps(ann, indent=4))
+        write_json(ann_path, ann)
 
         labels = rasterize(read_annotation(ann_path, meta), mapping)
         image = _background(rng, size)

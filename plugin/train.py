@@ -340,8 +340,9 @@ def validate(
     """
     net.train(not config["validate_with_model_eval"])
     cm = torch.zeros(mapping.num_classes, mapping.num_classes, dtype=torch.int64, device=device)
-    loss_sum, seen = 0.0, 0
-    counted = 0
+    # [sum of per-sample losses, samples counted], kept on the device: no host sync per sample.
+    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    seen = 0
     with torch.no_grad():
         for images, targets in loader:
             images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
@@ -349,11 +350,11 @@ def validate(
             keep = len(images) if real is None else max(0, min(len(images), real - seen))
             seen += len(images)
             for i in range(keep):
-                loss_sum += float(compute_loss(logits[i : i + 1], targets[i : i + 1]))
-            counted += keep
+                totals[0] += compute_loss(logits[i : i + 1], targets[i : i + 1]).double()
+            totals[1] += keep
             # Padding samples are all neutral: they add nothing to the confusion matrix.
             cm += confusion_matrix(logits.argmax(1), targets, mapping.num_classes, NEUTRAL_INDEX)
-    totals = distributed.all_reduce_sum(torch.tensor([loss_sum, float(counted)], dtype=torch.float64, device=device))
+    distributed.all_reduce_sum(totals)
     distributed.all_reduce_sum(cm)
     metrics, absent = batch_metrics(cm.cpu(), titles)
     metrics = {"loss": float(totals[0] / totals[1]), **metrics}
