@@ -26,18 +26,20 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from plugin import distributed, modes
-from plugin.checkpoints import legacy_state_dict
-from plugin.classes import NEUTRAL_INDEX, build_mapping
-from plugin.data import CorruptionBudget, SegmentationDataset, make_loader, normalize, prepare_masks, resize_image
-from plugin.devices import WorldPlan
-from plugin.geometry import encode_bitmap
-from plugin.losses import segmentation_loss
-from plugin.masks import rasterize
-from plugin.model import build_model
-from plugin.predictor import Predictor
-from plugin.project import list_items, read_annotation, read_meta
-from plugin.train import wrap_model
+from plugin.format.classes import NEUTRAL_INDEX, build_mapping
+from plugin.format.geometry import encode_bitmap
+from plugin.format.masks import rasterize
+from plugin.format.project import list_items, read_annotation, read_meta
+from plugin.inference import modes
+from plugin.inference.predictor import Predictor
+from plugin.nn.devices import WorldPlan
+from plugin.nn.losses import segmentation_loss
+from plugin.nn.model import build_model
+from plugin.nn.preprocess import normalize, resize_image
+from plugin.training import distributed
+from plugin.training.checkpoints import legacy_state_dict
+from plugin.training.data import CorruptionBudget, SegmentationDataset, make_loader, prepare_masks
+from plugin.training.task import wrap_model
 
 CLASSES = [
     {"title": "poly", "shape": "polygon", "color": "#FF0000"},

@@ -17,13 +17,13 @@ log = logging.getLogger(__name__)
 
 def _train(args: argparse.Namespace) -> None:
     from plugin.task_dir import resolve_task_dir
-    from plugin.train import train_task
+    from plugin.training.task import train_task
 
     train_task(resolve_task_dir(args.task_dir))
 
 
 def _infer(args: argparse.Namespace) -> None:
-    from plugin.infer import infer_task
+    from plugin.inference.task import infer_task
     from plugin.task_dir import resolve_task_dir
 
     summary = infer_task(resolve_task_dir(args.task_dir))
@@ -34,7 +34,7 @@ def _infer(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from plugin.evaluate import run_evaluate
+    from plugin.inference.evaluate import run_evaluate
 
     run_evaluate(
         Path(args.gt), Path(args.pred), args.suffix, Path(args.out) if args.out else None, args.background, args.neutral
@@ -43,7 +43,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 def _masks(args: argparse.Namespace) -> None:
     from plugin.config import load_train_config
-    from plugin.masks import write_masks
+    from plugin.format.masks import write_masks
 
     background, neutral = "bg", "neutral"
     if args.config is not None:

@@ -7,13 +7,13 @@ import shutil
 from pathlib import Path
 
 from plugin.errors import TaskError
-from plugin.evaluate import evaluate_projects, format_report
-from plugin.infer import infer_task
+from plugin.format.project import link_or_copy, list_items, read_image_tags
+from plugin.inference.evaluate import evaluate_projects, format_report
+from plugin.inference.task import infer_task
 from plugin.jsonfile import read_json, write_json
-from plugin.project import link_or_copy, list_items, read_image_tags
 from plugin.synthetic import make_project
 from plugin.task_dir import TaskDir
-from plugin.train import train_task
+from plugin.training.task import train_task
 
 PROJECT = "synthetic_shapes"
 # Sized for under two minutes of training on two CPU cores: 64x64 inputs, 48 training images, 10 epochs.

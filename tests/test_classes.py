@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from plugin.classes import NEUTRAL_INDEX, build_mapping, check_continue_training
 from plugin.errors import TaskError
-from plugin.project import ObjClass, ProjectMeta
+from plugin.format.classes import NEUTRAL_INDEX, build_mapping, check_continue_training
+from plugin.format.project import ObjClass, ProjectMeta
 
 
 def meta_of(*titles: str) -> ProjectMeta:

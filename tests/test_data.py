@@ -13,20 +13,18 @@ import numpy as np
 import pytest
 import torch
 
-from plugin.classes import NEUTRAL_INDEX, build_mapping
-from plugin.data import (
+from plugin.errors import TaskError
+from plugin.format.classes import NEUTRAL_INDEX, build_mapping
+from plugin.format.masks import rasterize
+from plugin.format.project import list_items, read_annotation, read_meta
+from plugin.nn.preprocess import normalize, resize_image, resize_mask
+from plugin.training.data import (
     CorruptionBudget,
     SegmentationDataset,
     make_loader,
-    normalize,
     prepare_masks,
-    resize_image,
-    resize_mask,
     split_items,
 )
-from plugin.errors import TaskError
-from plugin.masks import rasterize
-from plugin.project import list_items, read_annotation, read_meta
 from tests.conftest import REPO
 
 META = {
@@ -166,10 +164,11 @@ def test_loader_workers_do_not_hang_after_opencv_ran_in_the_parent(tmp_path):
     project = write_project(tmp_path / "p", [["train"]] * 4, size=(1024, 1200))
     script = f"""
 from pathlib import Path
-from plugin.classes import build_mapping
+from plugin.format.classes import build_mapping
 import numpy as np
-from plugin.data import CorruptionBudget, SegmentationDataset, make_loader, prepare_masks, resize_image
-from plugin.project import list_items, read_meta
+from plugin.nn.preprocess import resize_image
+from plugin.training.data import CorruptionBudget, SegmentationDataset, make_loader, prepare_masks
+from plugin.format.project import list_items, read_meta
 resize_image(np.zeros((2000, 2000, 3), np.uint8), 700, 700)
 meta = read_meta(Path({str(project)!r}))
 mapping = build_mapping(meta, "bg", "neutral")

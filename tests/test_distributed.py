@@ -17,17 +17,18 @@ import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
-from plugin.checkpoints import WEIGHTS_NAME, legacy_state_dict
-from plugin.classes import build_mapping
-from plugin.config import load_train_config
-from plugin.data import split_items, val_shard
 from plugin import agent_log
-from plugin.distributed import DUMP_WEIGHTS_ENV, RankFailed
-from plugin.model import build_model
-from plugin.project import find_project, list_items, read_meta
-from plugin.train import apply_initial_weights, build_dataset, loss_fn
-from plugin.weights import load_state_dict
+from plugin.config import load_train_config
+from plugin.format.classes import build_mapping
+from plugin.format.project import find_project, list_items, read_meta
+from plugin.nn.model import build_model
+from plugin.nn.weights import WEIGHTS_NAME, load_state_dict
+from plugin.training.checkpoints import legacy_state_dict
+from plugin.training.data import split_items, val_shard
+from plugin.training.distributed import DUMP_WEIGHTS_ENV, RankFailed
+from plugin.training.task import apply_initial_weights, build_dataset, loss_fn
 from tests.conftest import REPO, TINY_CONFIG, Run, make_task, run_entrypoint
+
 
 @pytest.fixture(autouse=True, scope="module")
 def cpu_only():

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from plugin.errors import TaskError
-from plugin.evaluate import evaluate_projects, format_report, run_evaluate
-from plugin.geometry import encode_bitmap
+from plugin.format.geometry import encode_bitmap
+from plugin.inference.evaluate import evaluate_projects, format_report, run_evaluate
 
 GT_CLASSES = [
     {"title": "a", "shape": "rectangle", "color": "#FF0000"},

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from plugin import geometry
 from plugin.errors import TaskError
-from plugin.geometry import (
+from plugin.format import geometry
+from plugin.format.geometry import (
     Bitmap,
     MultiPolygon,
     Polygon,

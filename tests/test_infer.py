@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from plugin.evaluate import evaluate_projects
-from plugin.geometry import Bitmap, bitmap_to_json, decode_bitmap
-from plugin.project import list_items, read_annotation, read_meta
+from plugin.format.geometry import Bitmap, bitmap_to_json, decode_bitmap
+from plugin.format.project import list_items, read_annotation, read_meta
+from plugin.inference.evaluate import evaluate_projects
 from plugin.synthetic import make_project
 from tests.conftest import REPO, Run, run_entrypoint
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from plugin.errors import TaskError
-from plugin.losses import bce_dice_loss, cross_entropy_loss, segmentation_loss
+from plugin.nn.losses import bce_dice_loss, cross_entropy_loss, segmentation_loss
 
 IGNORE = 255
 LN3 = math.log(3.0)

@@ -10,10 +10,10 @@ import cv2
 import numpy as np
 import pytest
 
-from plugin.classes import build_mapping
-from plugin.geometry import decode_bitmap, encode_bitmap
-from plugin.masks import rasterize, write_masks
-from plugin.project import list_items, read_annotation, read_meta
+from plugin.format.classes import build_mapping
+from plugin.format.geometry import decode_bitmap, encode_bitmap
+from plugin.format.masks import rasterize, write_masks
+from plugin.format.project import list_items, read_annotation, read_meta
 
 ISBI = Path(__file__).resolve().parent.parent.parent / "shared/data/isbi2012-membranes"
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from plugin.metrics import confusion_matrix, summarize
+from plugin.nn.metrics import confusion_matrix, summarize
 
 IGNORE = 255
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from plugin.errors import TaskError
-from plugin.model import UNetV2, build_model
+from plugin.nn.model import UNetV2, build_model
 
 # The legacy network, written out from the spec: (vgg index, in channels, out channels) of the
 # 3x3 convs in each encoder block; the BN sits at index + 1.

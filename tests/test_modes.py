@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from plugin import modes
-from plugin.geometry import Polygon, Rectangle
-from plugin.model import build_model
-from plugin.predictor import Predictor
-from plugin.project import Label
+from plugin.format.geometry import Polygon, Rectangle
+from plugin.format.project import Label
+from plugin.inference import modes
+from plugin.inference.predictor import Predictor
+from plugin.nn.model import build_model
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from plugin.errors import TaskError
-from plugin.geometry import Bitmap, Polygon, Rectangle, encode_bitmap
-from plugin.project import (
+from plugin.format.geometry import Bitmap, Polygon, Rectangle, encode_bitmap
+from plugin.format.project import (
     find_project,
     list_items,
     read_annotation,
@@ -273,7 +273,7 @@ def test_undrawable_objects_are_skipped_with_one_warning_per_class(tmp_path: Pat
     line = {"classTitle": "wire_once", "tags": [], "points": {"exterior": [[0, 0], [5, 5]], "interior": []}}
     untyped = {"classTitle": "free_once", "tags": [], "points": {"exterior": [[0, 0], [5, 5]], "interior": []}}
     kiwi = {"classTitle": "kiwi", "tags": [], "points": {"exterior": [[0, 0], [3, 0], [3, 3]], "interior": []}}
-    with caplog.at_level(logging.WARNING, logger="plugin.project"):
+    with caplog.at_level(logging.WARNING, logger="plugin.format.project"):
         for _ in range(2):
             ann = read_annotation(write_ann(tmp_path, annotation([line, untyped, line, kiwi])), meta)
             assert [label.class_title for label in ann.labels] == ["kiwi"]

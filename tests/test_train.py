@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from plugin.train import EvalPlanner, LrPolicy
+from plugin.training.task import EvalPlanner, LrPolicy
 from tests.conftest import ISBI, TINY_CONFIG, make_task, run_entrypoint
 
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")

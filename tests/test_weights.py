@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from plugin.errors import TaskError
-from plugin.model import UNetV2, build_model
-from plugin.weights import (
+from plugin.nn.model import UNetV2, build_model
+from plugin.nn.weights import (
     load_continue,
     load_state_dict,
     load_transfer,

@@ -8,7 +8,7 @@ Not collected by pytest (it needs a container engine and takes minutes). Steps:
    the container's checkpoints must load and match the local ones, and its stdout must hold the same
    kinds of JSON log lines in the same order;
 2. an inference task dir whose model/ is the best checkpoint goes through the inference image: the
-   output project must load with plugin.project and hold `_unet` predictions next to the input objects;
+   output project must load with plugin.format.project and hold `_unet` predictions next to the input objects;
 3. bad input: a broken config and a missing task dir mount must exit non-zero from `docker run`
    (the latter with one line naming /sly_task_data and -v), and extra arguments reach the entrypoint.
 Containers run as the owner of the task dir (`--user UID:GID`), so their files belong to that user; run
@@ -29,9 +29,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from plugin.project import Annotation, list_items, read_annotation, read_image, read_meta
+from plugin.format.project import Annotation, list_items, read_annotation, read_image, read_meta
+from plugin.nn.weights import load_state_dict
 from plugin.synthetic import make_project
-from plugin.weights import load_state_dict
 
 REPO = Path(__file__).resolve().parents[2]
 MOUNT = "/sly_task_data"

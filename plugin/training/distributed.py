@@ -24,8 +24,8 @@ import torch.multiprocessing as mp
 from torch.multiprocessing.spawn import ProcessException
 
 from plugin import agent_log
-from plugin.devices import WorldPlan
 from plugin.errors import TaskError
+from plugin.nn.devices import WorldPlan
 
 # A rank waiting longer than this in a collective (a peer hung, not dead) fails instead of hanging forever.
 COLLECTIVE_TIMEOUT = dt.timedelta(minutes=10)

@@ -27,12 +27,12 @@ from pathlib import Path
 
 import torch
 
-from plugin.classes import NEUTRAL_INDEX, ClassMapping, build_mapping, titles_by_index
 from plugin.errors import TaskError
+from plugin.format.classes import NEUTRAL_INDEX, ClassMapping, build_mapping, titles_by_index
+from plugin.format.masks import draw_labels, rasterize
+from plugin.format.project import find_project, list_items, read_annotation, read_meta
 from plugin.jsonfile import write_json
-from plugin.masks import draw_labels, rasterize
-from plugin.metrics import confusion_matrix, summarize
-from plugin.project import find_project, list_items, read_annotation, read_meta
+from plugin.nn.metrics import confusion_matrix, summarize
 
 log = logging.getLogger(__name__)
 

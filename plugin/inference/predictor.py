@@ -12,14 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from plugin.checkpoints import CONFIG_NAME, WEIGHTS_NAME
-from plugin.classes import titles_by_index
-from plugin.data import normalize, resize_image
-from plugin.devices import plan_devices
 from plugin.errors import TaskError
+from plugin.format.classes import titles_by_index
 from plugin.jsonfile import read_json
-from plugin.model import build_model
-from plugin.weights import load_continue, load_state_dict
+from plugin.nn.devices import plan_devices
+from plugin.nn.model import build_model
+from plugin.nn.preprocess import normalize, resize_image
+from plugin.nn.weights import CONFIG_NAME, WEIGHTS_NAME, load_continue, load_state_dict
 
 log = logging.getLogger(__name__)
 

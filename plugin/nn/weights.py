@@ -21,9 +21,13 @@ import torch
 from torch import nn
 
 from plugin.errors import TaskError
-from plugin.model import ENCODER_CUTS, UNUSED_PREFIX
+from plugin.nn.model import ENCODER_CUTS, UNUSED_PREFIX
 
 log = logging.getLogger(__name__)
+
+# The two files of a model folder (model/ in a task dir, each checkpoint in results/).
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.pt"
 
 _MODULE_PREFIX = "module."
 _VGG_FEATURE = re.compile(r"features\.(\d+)\.(.+)")

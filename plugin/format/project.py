@@ -16,8 +16,8 @@ import cv2
 import numpy as np
 
 from plugin.errors import TaskError
+from plugin.format.geometry import Geometry, crop_to_image, object_shape, parse_geometry
 from plugin.jsonfile import read_json
-from plugin.geometry import Geometry, crop_to_image, object_shape, parse_geometry
 
 log = logging.getLogger(__name__)
 

@@ -22,21 +22,29 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from plugin import agent_log, distributed
-from plugin.checkpoints import CONFIG_NAME, WEIGHTS_NAME, CheckpointWriter, checkpoint_config
-from plugin.classes import NEUTRAL_INDEX, ClassMapping, build_mapping, check_continue_training, titles_by_index
+from plugin import agent_log
 from plugin.config import load_train_config
-from plugin.data import CorruptionBudget, SegmentationDataset, make_loader, prepare_masks, split_items, val_shard
-from plugin.devices import WorldPlan, plan_world
-from plugin.distributed import DistContext
 from plugin.errors import TaskError
+from plugin.format.classes import NEUTRAL_INDEX, ClassMapping, build_mapping, check_continue_training, titles_by_index
+from plugin.format.project import ProjectMeta, find_project, list_items, read_meta
 from plugin.jsonfile import read_json
-from plugin.losses import segmentation_loss
-from plugin.metrics import confusion_matrix, summarize
-from plugin.model import build_model
-from plugin.project import ProjectMeta, find_project, list_items, read_meta
+from plugin.nn.devices import WorldPlan, plan_world
+from plugin.nn.losses import segmentation_loss
+from plugin.nn.metrics import confusion_matrix, summarize
+from plugin.nn.model import build_model
+from plugin.nn.weights import CONFIG_NAME, WEIGHTS_NAME, load_continue, load_state_dict, load_transfer
 from plugin.task_dir import TaskDir
-from plugin.weights import load_continue, load_state_dict, load_transfer
+from plugin.training import distributed
+from plugin.training.checkpoints import CheckpointWriter, checkpoint_config
+from plugin.training.data import (
+    CorruptionBudget,
+    SegmentationDataset,
+    make_loader,
+    prepare_masks,
+    split_items,
+    val_shard,
+)
+from plugin.training.distributed import DistContext
 
 log = logging.getLogger(__name__)
 

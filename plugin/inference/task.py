@@ -16,14 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from plugin import agent_log, modes
-from plugin.classes import BACKGROUND_COLOR
+from plugin import agent_log
 from plugin.config import load_inference_config
 from plugin.errors import TaskError
-from plugin.geometry import Bitmap, Rectangle, bitmap_to_json
-from plugin.jsonfile import read_json, write_json
-from plugin.predictor import Predictor, load_predictor
-from plugin.project import (
+from plugin.format.classes import BACKGROUND_COLOR
+from plugin.format.geometry import Bitmap, Rectangle, bitmap_to_json
+from plugin.format.project import (
     Item,
     ProjectMeta,
     check_image_size,
@@ -34,6 +32,9 @@ from plugin.project import (
     read_image,
     read_meta,
 )
+from plugin.inference import modes
+from plugin.inference.predictor import Predictor, load_predictor
+from plugin.jsonfile import read_json, write_json
 from plugin.task_dir import TaskDir
 
 log = logging.getLogger(__name__)

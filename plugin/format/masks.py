@@ -8,10 +8,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from plugin.classes import ClassMapping, build_mapping
-from plugin.geometry import draw
+from plugin.format.classes import ClassMapping, build_mapping
+from plugin.format.geometry import draw
+from plugin.format.project import Annotation, find_project, list_items, read_annotation, read_meta
 from plugin.jsonfile import write_json
-from plugin.project import Annotation, find_project, list_items, read_annotation, read_meta
 
 
 def rasterize(ann: Annotation, mapping: ClassMapping) -> np.ndarray:

@@ -15,11 +15,9 @@ from pathlib import Path
 import torch
 
 from plugin import agent_log
-from plugin.classes import ClassMapping
+from plugin.format.classes import ClassMapping
 from plugin.jsonfile import write_json
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.pt"
+from plugin.nn.weights import CONFIG_NAME, WEIGHTS_NAME
 
 
 def checkpoint_config(settings: dict, mapping: ClassMapping) -> dict:

@@ -20,15 +20,14 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from plugin.classes import NEUTRAL_INDEX, ClassMapping
 from plugin.errors import TaskError
-from plugin.masks import rasterize
-from plugin.project import Item, ProjectMeta, check_image_size, read_annotation, read_image, read_image_tags
+from plugin.format.classes import NEUTRAL_INDEX, ClassMapping
+from plugin.format.masks import rasterize
+from plugin.format.project import Item, ProjectMeta, check_image_size, read_annotation, read_image, read_image_tags
+from plugin.nn.preprocess import normalize, resize_image, resize_mask
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
 
 def split_items(items: Sequence[Item], train_tag: str, val_tag: str) -> dict[str, list[Item]]:
@@ -56,23 +55,6 @@ def split_items(items: Sequence[Item], train_tag: str, val_tag: str) -> dict[str
                 where=f"dataset_tags.{split}",
             )
     return splits
-
-
-def resize_image(image: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Resize an RGB image the same way in training and inference: area when shrinking, bilinear when growing."""
-    shrinking = width * height < image.shape[0] * image.shape[1]
-    return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
-
-
-def resize_mask(mask: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Nearest-neighbour resize of a class mask; INTER_NEAREST_EXACT is the legacy (skimage order=0) rule."""
-    return cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST_EXACT)
-
-
-def normalize(image: np.ndarray) -> torch.Tensor:
-    """RGB uint8 (H, W, 3) -> float32 (3, H, W) with ImageNet mean and std."""
-    scaled = (image.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
-    return torch.from_numpy(np.ascontiguousarray(scaled.transpose(2, 0, 1)))
 
 
 def image_size(item: Item) -> tuple[int, int]:

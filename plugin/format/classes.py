@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from plugin.errors import TaskError
-from plugin.project import ProjectMeta
+from plugin.format.project import ProjectMeta
 
 NEUTRAL_INDEX = 255
 BACKGROUND_COLOR = "#222222"

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from plugin.config import parse_side
-from plugin.geometry import Rectangle, bounding_box
-from plugin.predictor import Predictor
-from plugin.project import Label
+from plugin.format.geometry import Rectangle, bounding_box
+from plugin.format.project import Label
+from plugin.inference.predictor import Predictor
 
 log = logging.getLogger(__name__)
 
