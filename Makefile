@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-.PHONY: venv test demo bench clean train-image inference-image images image-test
+.PHONY: venv test demo bench bench-quality clean train-image inference-image images image-test
 
 venv: $(VENV)/.installed
 
@@ -27,6 +27,10 @@ demo: venv
 
 bench: venv
 	$(PY) -m benchmarks.run
+
+# Model quality on ../shared/data/isbi2012-membranes: default vs legacy recipe (about an hour on 2 cores).
+bench-quality: venv
+	$(PY) -m benchmarks.quality
 
 clean:
 	rm -rf build $(VENV)

@@ -24,6 +24,8 @@ setup(
         "requests>=2.28,<3",
         # Polygons that cross the image border are clipped exactly as the Supervisely SDK does it.
         "shapely>=2.0,<3",
+        # 2.0.x is MIT; later releases changed the licence.
+        "albumentations>=2.0.8,<2.1",
     ],
     extras_require={"test": ["pytest>=7"]},
     entry_points={"console_scripts": ["sly-unet=plugin.cli:main"]},

@@ -1,4 +1,4 @@
-"""The `sly-unet` command: train, infer, evaluate, masks, demo. Each subcommand runs inside the agent's crash wrapper."""
+"""The `sly-unet` command: train, infer, evaluate, masks, augment-preview, demo. Each subcommand runs inside the agent's crash wrapper."""
 
 from __future__ import annotations
 
@@ -55,6 +55,14 @@ def _masks(args: argparse.Namespace) -> None:
     )
 
 
+def _augment_preview(args: argparse.Namespace) -> None:
+    from plugin.task_dir import resolve_task_dir
+    from plugin.training.preview import write_preview
+
+    written = write_preview(resolve_task_dir(args.task_dir), Path(args.out), args.n)
+    log.info(f"wrote {len(written)} augmented samples to {args.out}", extra={"previews": len(written)})
+
+
 def _demo(args: argparse.Namespace) -> None:
     from plugin.demo import run_demo
 
@@ -68,7 +76,14 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], None]]] = {
     "evaluate": ("UNET_V2_EVALUATE", _evaluate),
     "masks": ("UNET_V2_MASKS", _masks),
     "demo": ("UNET_V2_DEMO", _demo),
+    "augment-preview": ("UNET_V2_AUGMENT_PREVIEW", _augment_preview),
 }
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return int(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--project", required=True, help="project directory (meta.json + datasets)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--config", help="task_config.json to take special_classes from (default: bg / neutral)")
+
+    p = add("augment-preview", "write augmented training samples as PNGs, the mask overlaid in the class colours")
+    p.add_argument("--task-dir", help="task directory (default: $SLY_TASK_DIR, else /sly_task_data)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--n", type=_positive_int, default=16, help="how many samples (default: 16)")
 
     p = add("demo", "generate a synthetic task dir and train on it on the CPU")
     p.add_argument("--out", default="build/demo", help="where the demo task dir goes (default: build/demo)")

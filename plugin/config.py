@@ -6,6 +6,8 @@ import copy
 import difflib
 import functools
 import json
+import logging
+import math
 import re
 from importlib import resources
 from pathlib import Path
@@ -21,6 +23,8 @@ from plugin.jsonfile import read_json
 TRAIN_SCHEMA = "train_config"
 INFERENCE_SCHEMA = "inference_config"
 
+log = logging.getLogger(__name__)
+
 TRAIN_DEFAULTS: dict = {
     "input_size": {"width": 256, "height": 256},
     "batch_size": {"train": 8, "val": 8},
@@ -34,8 +38,27 @@ TRAIN_DEFAULTS: dict = {
     "lr": 0.001,
     "momentum": 0.9,
     "lr_decreasing": {"patience": 3, "lr_divisor": 5},
+    # torch's AdamW default decay; decoupled from the gradient, so at lr 1e-3 it shrinks the conv
+    # weights by only 1e-5 a step. A legacy config (see _legacy_lr_rule) keeps Adam without decay.
+    "optimizer": {"name": "adamw", "weight_decay": 0.01},
+    # poly as nnU-Net; half an epoch of warmup lets Adam's moment estimates settle before the full
+    # LR hits a freshly initialised last layer, and costs little in runs of a few epochs.
+    "lr_schedule": {"name": "poly", "warmup_epochs": 0.5},
     "loss_weights": {"bce": 1.0, "dice": 1.0},
+    "class_weights": None,
     "allow_corrupted_samples": {"train": 0, "val": 0},
+    # nnU-Net's 2D strengths and probabilities (its rotation, scale, gamma, blur, noise), plus the U-Net
+    # paper's elastic deformation (about 2 px RMS displacement). A list, so that [] really is none.
+    "augmentations": [
+        {"name": "hflip", "p": 0.5},
+        {"name": "vflip", "p": 0.5},
+        {"name": "affine", "scale": [0.7, 1.4], "rotate": [-180, 180], "p": 0.2},
+        {"name": "elastic", "alpha": 200, "sigma": 10, "p": 0.2},
+        {"name": "brightness_contrast", "brightness": 0.25, "contrast": 0.25, "p": 0.15},
+        {"name": "gamma", "gamma": [0.7, 1.5], "p": 0.3},
+        {"name": "blur", "sigma": [0.5, 1.0], "p": 0.2},
+        {"name": "noise", "std": [0.0, 0.05], "p": 0.1},
+    ],
     "validate_with_model_eval": True,
     "weights_init_type": "transfer_learning",
     "gpu_devices": [0],
@@ -53,6 +76,7 @@ _MODE_COMMON_DEFAULTS: dict = {
     "model_classes": {"save_classes": _MATCH_ALL, "add_suffix": "_unet"},
     "model_tags": {"save_names": _MATCH_ALL, "add_suffix": "_unet"},
     "save_probabilities": False,
+    "tta": False,
 }
 _MODE_DEFAULTS: dict[str, dict] = {
     "full_image": {},
@@ -60,7 +84,7 @@ _MODE_DEFAULTS: dict[str, dict] = {
     "bboxes": {"from_classes": _MATCH_ALL, "padding": _NO_SIDES, "save": False, "add_suffix": "_input_bbox"},
     "sliding_window": {
         "window": {"width": 128, "height": 128},
-        "min_overlap": {"x": 0, "y": 0},
+        # min_overlap: half the window on each axis the user leaves out, see _fill_min_overlap.
         "save": False,
         "class_name": "sliding_window",
         "batch_size": 8,
@@ -96,7 +120,7 @@ def schema_errors(config: Any, schema_name: str) -> list[str]:
 
 def load_train_config(path: Path) -> dict:
     """The train config of `path` with the defaults merged in, validated; TaskError(where=path) listing all problems."""
-    merged = merge_defaults(TRAIN_DEFAULTS, read_json(path))
+    merged = merge_defaults(TRAIN_DEFAULTS, _legacy_lr_rule(read_json(path)))
     _raise_if_any(sorted(schema_errors(merged, TRAIN_SCHEMA) + _train_semantic_errors(merged)), str(path))
     return _coerce_integers(merged, _validator(TRAIN_SCHEMA).schema)
 
@@ -117,6 +141,7 @@ def load_inference_config(path: Path) -> dict:
     else:
         name = _DEFAULT_MODE
     merged = merge_defaults(_inference_defaults(name), user)
+    _fill_min_overlap(merged["mode"])
     errors += schema_errors(merged, INFERENCE_SCHEMA) + _inference_semantic_errors(merged)
     _raise_if_any(sorted(errors), str(path))
     schema = _validator(INFERENCE_SCHEMA).schema
@@ -144,6 +169,21 @@ def _inference_defaults(mode_name: object) -> dict:
     own = _MODE_DEFAULTS.get(mode_name, {}) if isinstance(mode_name, str) else {}
     mode = merge_defaults({"name": mode_name, **_MODE_COMMON_DEFAULTS}, own)
     return {"model": copy.deepcopy(_MODEL_DEFAULTS), "mode": mode, "allow_corrupted_images": 0}
+
+
+def _fill_min_overlap(mode: object) -> None:
+    """In place: each sliding_window min_overlap axis the user left out becomes half the merged window
+    (as nnU-Net): with abutting windows the Gaussian blend has nothing to blend and seams show."""
+    if not isinstance(mode, dict) or mode.get("name") != "sliding_window":
+        return
+    overlap, window = mode.setdefault("min_overlap", {}), mode.get("window")
+    if not isinstance(overlap, dict):
+        return
+    for axis, size in (("x", "width"), ("y", "height")):
+        side = window.get(size) if isinstance(window, dict) else None
+        # An invalid side gets 0, so that the schema reports the one mistake once, at the window.
+        valid = _is_number(side) and math.isfinite(side) and side >= 1
+        overlap.setdefault(axis, int(side) // 2 if valid else 0)
 
 
 def _from_v1_layout(raw: dict, errors: list[str]) -> dict:
@@ -195,6 +235,27 @@ def _inference_semantic_errors(config: dict) -> list[str]:
     return errors
 
 
+def _legacy_lr_rule(user: dict) -> dict:
+    """`user` with the legacy optimizer and LR rule made explicit when it sets lr_decreasing but no lr_schedule.
+
+    Such a config was written for the legacy trainer (Adam, no weight decay, LR divided on plateaus),
+    so it keeps that meaning rather than silently getting the new defaults; decided on the user's
+    keys, since after the merge every config has lr_decreasing.
+    """
+    if "lr_decreasing" not in user or "lr_schedule" in user:
+        return user
+    legacy = {"lr_schedule": {"name": "plateau", "warmup_epochs": 0}}
+    if "optimizer" not in user:
+        legacy["optimizer"] = {"name": "adam", "weight_decay": 0}
+    optimizer = "" if "optimizer" in user else " with Adam without weight decay"
+    log.info(
+        "the config sets lr_decreasing but no lr_schedule, so it keeps the legacy rule: the plateau "
+        f"schedule (no warmup){optimizer}; add an lr_schedule key for another schedule",
+        extra={"legacy": legacy},
+    )
+    return {**user, **legacy}
+
+
 def _train_semantic_errors(config: dict) -> list[str]:
     # Checked on whatever parts are well-typed, so they show up together with the schema errors.
     errors = []
@@ -208,7 +269,35 @@ def _train_semantic_errors(config: dict) -> list[str]:
     if isinstance(weights, dict) and all(_is_number(weights.get(k)) for k in ("bce", "dice")):
         if weights["bce"] == 0 and weights["dice"] == 0:
             errors.append("loss_weights: bce and dice cannot both be 0")
+    return errors + _augmentation_errors(config)
+
+
+def _augmentation_errors(config: dict) -> list[str]:
+    """What the schema cannot say: ranges given high before low, rotate90 on a non-square input."""
+    steps, size = config.get("augmentations"), config.get("input_size")
+    if not isinstance(steps, list):
+        return []
+    errors = []
+    for i, step in enumerate(steps):
+        if not isinstance(step, dict):
+            continue
+        for key, value in sorted(step.items()):
+            if _is_pair(value) and value[0] > value[1]:
+                errors.append(f"augmentations[{i}].{key}: {value!r} is not [low, high] (low is above high)")
+        square = isinstance(size, dict) and size.get("width") == size.get("height")
+        if step.get("name") == "rotate90" and not square:
+            errors.append(
+                f"augmentations[{i}].name: rotate90 would swap width and height of the non-square input_size; "
+                "use hflip and vflip, or affine rotation"
+            )
     return errors
+
+
+def _is_pair(value: object) -> bool:
+    return (
+        isinstance(value, list) and len(value) == 2
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    )
 
 
 def _is_number(value: object) -> bool:

@@ -60,7 +60,10 @@ def test_legacy_basic_config_is_valid(tmp_path):
 
 def test_legacy_full_config_is_valid_and_kept(tmp_path):
     # Only the keys legacy never had are added, with their defaults.
-    new_keys = {"sync_batchnorm": True, "cpu_processes": 1, "seed": 0}
+    new_keys = {"sync_batchnorm": True, "cpu_processes": 1, "seed": 0, "augmentations": TRAIN_DEFAULTS["augmentations"]}
+    # It sets lr_decreasing, so it keeps the legacy optimizer and LR rule.
+    new_keys |= {"class_weights": None, "optimizer": {"name": "adam", "weight_decay": 0},
+                 "lr_schedule": {"name": "plateau", "warmup_epochs": 0}}
     assert load_train_config(write_config(tmp_path, LEGACY_FULL)) == {**LEGACY_FULL, **new_keys}
 
 
@@ -153,7 +156,7 @@ def test_unknown_top_level_key_lists_the_allowed_ones(tmp_path):
     with pytest.raises(TaskError) as info:
         load_train_config(write_config(tmp_path, {"zzz": 1}))
     [line] = problems(info.value)
-    assert line.startswith("zzz: unknown key (allowed: allow_corrupted_samples, batch_size, ")
+    assert line.startswith("zzz: unknown key (allowed: allow_corrupted_samples, augmentations, batch_size, ")
 
 
 def test_all_errors_at_once_sorted_by_path(tmp_path):
@@ -184,7 +187,8 @@ def test_validate_reports_missing_keys():
     assert info.value.where == "cfg"
     assert "input_size.height: missing required key" in lines
     assert "lr: missing required key" in lines
-    assert len(lines) == 16 + 1  # 16 of the 18 top-level keys are absent, and the height
+    # Every top-level key but the two given is absent, and the height.
+    assert len(lines) == len(TRAIN_DEFAULTS) - 2 + 1
 
 
 def test_integral_floats_become_ints(tmp_path):

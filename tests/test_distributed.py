@@ -26,6 +26,7 @@ from plugin.nn.weights import WEIGHTS_NAME, load_state_dict
 from plugin.training.checkpoints import legacy_state_dict
 from plugin.training.data import split_items, val_shard
 from plugin.training.distributed import DUMP_WEIGHTS_ENV, RankFailed
+from plugin.training.schedule import build_optimizer, lr_schedule, set_lr
 from plugin.training.task import apply_initial_weights, build_dataset, loss_fn
 from tests.conftest import REPO, TINY_CONFIG, Run, make_task, run_entrypoint
 
@@ -169,12 +170,14 @@ def _two_rank_step_in_one_process(task: Path) -> dict[str, torch.Tensor]:
     data = build_dataset("train", split_items(list_items(project), "train", "val")["train"], meta, mapping, config)
     model = build_model(mapping.num_classes)
     apply_initial_weights(model, load_state_dict(task / "model" / WEIGHTS_NAME), "continue_training", task)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"])
+    optimizer = build_optimizer(model, config)
     compute_loss = loss_fn(config, mapping.num_classes)
     batch = config["batch_size"]["train"]
     order = [list(DistributedSampler(data, num_replicas=2, rank=r, shuffle=True, seed=config["seed"])) for r in (0, 1)]
+    steps = -(-len(order[0]) // batch)
+    schedule = lr_schedule(config, steps)
     model.train()
-    for step in range(-(-len(order[0]) // batch)):
+    for step in range(steps):
         optimizer.zero_grad()
         for rank in (0, 1):
             samples = [data[i] for i in order[rank][step * batch : (step + 1) * batch]]
@@ -184,6 +187,7 @@ def _two_rank_step_in_one_process(task: Path) -> dict[str, torch.Tensor]:
             if rank == 1:  # DDP broadcasts rank 0's buffers: rank 1's statistics never count
                 for name, buffer in model.named_buffers():
                     buffer.copy_(kept[name])
+        set_lr(optimizer, schedule.lr_at(step))
         optimizer.step()
     return legacy_state_dict(model)
 

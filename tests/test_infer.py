@@ -17,8 +17,11 @@ import pytest
 import torch
 
 from plugin.format.geometry import Bitmap, bitmap_to_json, decode_bitmap
+from plugin.format.images import read_image
 from plugin.format.project import list_items, read_annotation, read_meta
+from plugin.inference import modes
 from plugin.inference.evaluate import evaluate_projects
+from plugin.inference.predictor import load_predictor, tta_flips
 from plugin.synthetic import make_project
 from tests.conftest import REPO, Run, run_entrypoint
 
@@ -125,6 +128,28 @@ def test_probabilities_are_saved_as_the_spec_says(tmp_path, checkpoint):
     assert probs.shape == (64, 64, 1) and probs.dtype == np.float32
     assert probs.min() >= 0 and probs.max() <= 1
     assert all(o["classTitle"] in ("ring", "blob", "box", "neutral", "ring_unet", "box_unet") for o in doc["objects"])
+
+
+def test_tta_saves_the_averaged_probabilities(tmp_path, checkpoint):
+    mode = {
+        "name": "sliding_window", "window": {"width": 48, "height": 40}, "batch_size": 4,
+        "tta": True, "save_probabilities": True, "model_classes": {"save_classes": ["ring"]},
+    }
+    task = make_inference_task(tmp_path / "task", checkpoint, {"mode": mode})
+    run = run_infer(task)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    item = list_items(task / "results" / "shapes")[0]
+    label = json.loads(item.ann_path.read_text())["customBigData"]["probabilityLabels"][0]
+    saved = np.load(io.BytesIO(zlib.decompress(base64.b64decode(label["multichannelBitmap"]["data"]))))[:, :, 0]
+
+    image = read_image(task / "data" / "shapes" / item.dataset / "img" / item.name)
+    mirrored = load_predictor(task / "model", 0, tta_flips(True))
+    plain = load_predictor(task / "model", 0)
+    ring = plain.class_titles.index("ring")
+    # (24, 20): the default min_overlap, half the window.
+    expected, untouched = (modes.sliding_window(p, image, (48, 40), (24, 20), 4).probs[ring] for p in (mirrored, plain))
+    assert np.allclose(saved, expected, atol=1e-5)
+    assert not np.allclose(saved, untouched, atol=1e-4)
 
 
 def test_evaluate_scores_the_output_project(tmp_path, checkpoint):

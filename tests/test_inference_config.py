@@ -16,13 +16,14 @@ ZERO_SIDES = {"left": "0px", "top": "0px", "right": "0px", "bottom": "0px"}
 
 FULL_IMAGE = {
     "model": {"gpu_device": 0},
-    "mode": {"name": "full_image", "model_classes": UNET_CLASSES, "model_tags": UNET_TAGS, "save_probabilities": False},
+    "mode": {"name": "full_image", "model_classes": UNET_CLASSES, "model_tags": UNET_TAGS, "save_probabilities": False,
+             "tta": False},
     "allow_corrupted_images": 0,
 }
 ROI = {
     "model": {"gpu_device": 0},
     "mode": {
-        "name": "roi", "model_classes": UNET_CLASSES, "model_tags": UNET_TAGS, "save_probabilities": False,
+        "name": "roi", "model_classes": UNET_CLASSES, "model_tags": UNET_TAGS, "save_probabilities": False, "tta": False,
         "bounds": ZERO_SIDES, "save": False, "class_name": "inference_roi",
     },
     "allow_corrupted_images": 0,
@@ -30,7 +31,7 @@ ROI = {
 BBOXES = {
     "model": {"gpu_device": 0},
     "mode": {
-        "name": "bboxes", "model_classes": UNET_CLASSES, "model_tags": UNET_TAGS, "save_probabilities": False,
+        "name": "bboxes", "model_classes": UNET_CLASSES, "model_tags": UNET_TAGS, "save_probabilities": False, "tta": False,
         "from_classes": "__all__", "padding": ZERO_SIDES, "save": False, "add_suffix": "_input_bbox",
     },
     "allow_corrupted_images": 0,
@@ -39,7 +40,8 @@ SLIDING_WINDOW = {
     "model": {"gpu_device": 0},
     "mode": {
         "name": "sliding_window", "model_classes": UNET_CLASSES, "model_tags": UNET_TAGS,
-        "save_probabilities": False, "window": {"width": 128, "height": 128}, "min_overlap": {"x": 0, "y": 0},
+        "save_probabilities": False, "tta": False, "window": {"width": 128, "height": 128},
+        "min_overlap": {"x": 64, "y": 64},
         "save": False, "class_name": "sliding_window", "batch_size": 8,
     },
     "allow_corrupted_images": 0,
@@ -137,12 +139,49 @@ def test_user_values_merge_into_the_mode_defaults_key_by_key(tmp_path):
         "model": {"gpu_device": 2},
         "mode": {
             "name": "sliding_window", "model_classes": {"save_classes": ["kiwi"], "add_suffix": "_unet"},
-            "model_tags": {"save_names": "__all__", "add_suffix": "_t"}, "save_probabilities": True,
-            "window": {"width": 256, "height": 128}, "min_overlap": {"x": 0, "y": 32},
+            "model_tags": {"save_names": "__all__", "add_suffix": "_t"}, "save_probabilities": True, "tta": False,
+            "window": {"width": 256, "height": 128}, "min_overlap": {"x": 128, "y": 32},
             "save": False, "class_name": "sliding_window", "batch_size": 8,
         },
         "allow_corrupted_images": 3,
     }
+
+
+@pytest.mark.parametrize(
+    "window, min_overlap, expected",
+    [
+        ({"width": 200}, None, {"x": 100, "y": 64}),  # from the merged window: the default height is 128
+        ({"width": 201, "height": 51}, None, {"x": 100, "y": 25}),
+        ({"width": 200, "height": 60}, {"y": 0}, {"x": 100, "y": 0}),  # an axis the user gives is kept
+        ({"width": 1, "height": 1}, None, {"x": 0, "y": 0}),
+    ],
+)
+def test_min_overlap_defaults_to_half_the_window(tmp_path, window, min_overlap, expected):
+    mode = {"name": "sliding_window", "window": window}
+    if min_overlap is not None:
+        mode["min_overlap"] = min_overlap
+    assert load(tmp_path, {"model": {}, "mode": mode})["mode"]["min_overlap"] == expected
+
+
+@pytest.mark.parametrize("name", ["full_image", "roi", "bboxes", "sliding_window"])
+@pytest.mark.parametrize("tta", [True, False, [], ["vertical"], ["horizontal", "vertical", "both"]])
+def test_tta_is_accepted_in_every_mode(tmp_path, name, tta):
+    assert load(tmp_path, {"model": {}, "mode": {"name": name, "tta": tta}})["mode"]["tta"] == tta
+
+
+@pytest.mark.parametrize(
+    "tta, expected",
+    [
+        (
+            ["horizontal", "diagonal"],
+            "mode.tta[1]: 'diagonal' is not one of ['horizontal', 'vertical', 'both']",
+        ),
+        ("horizontal", "mode.tta: 'horizontal' is not of type 'boolean', 'array'"),
+        (["vertical", "vertical"], "mode.tta: ['vertical', 'vertical'] has non-unique elements"),
+    ],
+)
+def test_a_bad_tta_names_its_key(tmp_path, tta, expected):
+    assert problems_of(tmp_path, {"model": {}, "mode": {"name": "roi", "tta": tta}}) == [expected]
 
 
 def test_roi_bounds_merge_side_by_side(tmp_path):
@@ -195,7 +234,7 @@ def test_v1_layout_is_converted(tmp_path):
         "model": {"gpu_device": 1},
         "mode": {
             "name": "bboxes", "model_classes": {"save_classes": ["kiwi"], "add_suffix": "_unet"},
-            "model_tags": UNET_TAGS, "save_probabilities": False, "from_classes": ["kiwi", "lemon"],
+            "model_tags": UNET_TAGS, "save_probabilities": False, "tta": False, "from_classes": ["kiwi", "lemon"],
             "padding": {"left": "5px", "top": "10%", "right": "5px", "bottom": "10%"},
             "save": True, "add_suffix": "_box",
         },
@@ -295,26 +334,26 @@ def test_a_key_and_its_legacy_name_together_are_an_error(tmp_path):
         (
             {"name": "roi", "window": {"width": 64, "height": 64}},
             "mode.window: unknown key (allowed: bounds, class_name, model_classes, model_tags, name, save, "
-            "save_probabilities)",
+            "save_probabilities, tta)",
         ),
         (
             {"name": "full_image", "bounds": {}},
-            "mode.bounds: unknown key (allowed: model_classes, model_tags, name, save_probabilities)",
+            "mode.bounds: unknown key (allowed: model_classes, model_tags, name, save_probabilities, tta)",
         ),
         (
             {"name": "sliding_window", "padding": {}},
             "mode.padding: unknown key (allowed: batch_size, class_name, min_overlap, model_classes, model_tags, "
-            "name, save, save_probabilities, window)",
+            "name, save, save_probabilities, tta, window)",
         ),
         (
             {"name": "bboxes", "class_name": "box"},
             "mode.class_name: unknown key (allowed: add_suffix, from_classes, model_classes, model_tags, name, "
-            "padding, save, save_probabilities)",
+            "padding, save, save_probabilities, tta)",
         ),
         (
             {"name": "roi", "source": "roi"},
             "mode.source: unknown key (allowed: bounds, class_name, model_classes, model_tags, name, save, "
-            "save_probabilities)",
+            "save_probabilities, tta)",
         ),
         (
             {"model_classes": {"add_sufix": "_x"}},
@@ -379,7 +418,7 @@ def test_all_violations_at_once_sorted_by_path(tmp_path):
     assert problems_of(tmp_path, user) == [
         "allow_corrupted_images: 1.5 is not of type 'integer'",
         "mode.bounds: unknown key (allowed: batch_size, class_name, min_overlap, model_classes, model_tags, name, "
-        "save, save_probabilities, window)",
+        "save, save_probabilities, tta, window)",
         "mode.min_overlap.y: 64 must be less than mode.window.height (64), "
         "or the stride (window - min_overlap) would be below 1",
         "mode.model_classes.add_sufix: unknown key (did you mean 'add_suffix'?)",

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import numpy as np
 import pytest
 import torch
 
+from plugin.config import load_inference_config
 from plugin.format.geometry import Polygon, Rectangle
 from plugin.format.project import Label
 from plugin.inference import modes
-from plugin.inference.predictor import Predictor
+from plugin.inference.predictor import Predictor, tta_flips
 from plugin.nn.model import build_model
 
 
@@ -19,6 +23,24 @@ def predictor() -> Predictor:
     model = build_model(3).eval()
     out_classes = [{"title": t, "shape": "bitmap", "color": "#112233"} for t in ("bg", "a", "b")]
     return Predictor(model, torch.device("cpu"), (64, 48), ["bg", "a", "b"], out_classes)
+
+
+@pytest.fixture(scope="module")
+def confident_predictor() -> Predictor:
+    # The seeded model's probabilities sit near uniform; larger logits make its tile-border effects measurable.
+    torch.manual_seed(0)
+    model = build_model(3).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "last_conv" in name:
+                param.mul_(20)
+    return Predictor(model, torch.device("cpu"), (64, 48), ["bg", "a", "b"], [])
+
+
+def smooth(height: int, width: int) -> np.ndarray:
+    rows, cols = np.mgrid[0:height, 0:width]
+    channels = [128 + 100 * np.sin(cols / 40), 120 + 60 * np.cos(rows / 30 + cols / 70), np.full(cols.shape, 100.0)]
+    return np.stack(channels, axis=-1).astype(np.uint8)
 
 
 def textured(height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -137,3 +159,59 @@ def test_boxes_outside_the_image_are_skipped(predictor):
     image = textured(30, 30)
     pred = modes.bboxes(predictor, image, [Label("x", Rectangle(40, 40, 50, 50))], {k: "0px" for k in ("left", "top", "right", "bottom")})
     assert pred.boxes == [] and pred.box_sources == [] and not pred.covered.any()
+
+
+def test_the_default_overlap_leaves_no_seam(confident_predictor, tmp_path):
+    path = tmp_path / "task_config.json"
+    path.write_text(json.dumps({"mode": {"name": "sliding_window", "window": {"width": 64, "height": 48}}}))
+    default = load_inference_config(path)["mode"]["min_overlap"]
+    image = smooth(48, 192)
+    seams = [63, 127]  # abutting 64-px windows meet between columns 63|64 and 127|128
+    # Away from the image's own borders, where the model's padding shows whatever the tiling.
+    elsewhere = [c for c in range(8, 192 - 9) if c not in seams]
+
+    def jumps(overlap: tuple[int, int]) -> np.ndarray:
+        probs = modes.sliding_window(confident_predictor, image, (64, 48), overlap, batch_size=4).probs
+        return np.abs(np.diff(probs, axis=2)).mean(axis=(0, 1))  # [c]: between columns c and c + 1
+
+    blended = jumps((default["x"], default["y"]))
+    assert blended[seams].max() <= blended[elsewhere].max()
+    abutting = jumps((0, 0))
+    assert np.argmax(abutting[8 : 192 - 9]) + 8 in seams
+    assert abutting[seams].max() > 5 * blended[seams].max()
+
+
+def test_tta_makes_predictions_flip_equivariant(predictor):
+    # The model's input size, so no resizing (whose rounding need not commute with flips) gets in the way.
+    image = textured(48, 64, seed=11)
+    flipped = np.ascontiguousarray(image[:, ::-1])
+    plain = predictor.probabilities([image, flipped]).numpy()
+    assert not np.allclose(plain[1], plain[0][:, :, ::-1], atol=1e-3)
+    mirrored = dataclasses.replace(predictor, tta=tta_flips(True)).probabilities([image, flipped]).numpy()
+    assert np.allclose(mirrored[1], mirrored[0][:, :, ::-1], atol=1e-6)
+    # Only the flips asked for: a horizontal flip alone leaves the vertical direction unmirrored.
+    upside_down = np.ascontiguousarray(image[::-1])
+    horizontal = dataclasses.replace(predictor, tta=("horizontal",)).probabilities([image, upside_down]).numpy()
+    assert not np.allclose(horizontal[1], horizontal[0][:, ::-1], atol=1e-3)
+
+
+def test_tta_averages_the_flipped_back_probabilities(predictor):
+    image = textured(48, 64, seed=12)
+    vertical = dataclasses.replace(predictor, tta=("vertical",)).probabilities([image])[0].numpy()
+    plain = predictor.probabilities([image, np.ascontiguousarray(image[::-1])]).numpy()
+    assert np.allclose(vertical, (plain[0] + plain[1][:, ::-1]) / 2, atol=1e-6)
+
+
+def test_tta_reaches_every_mode(predictor):
+    # A tiling symmetric under the flip (lefts 0, 32, 64, 96 of 160) keeps sliding_window equivariant too.
+    mirrored = dataclasses.replace(predictor, tta=tta_flips(True))
+    image = textured(48, 160, seed=13)
+    flipped = np.ascontiguousarray(image[:, ::-1])
+    for run in (
+        lambda p, img: modes.sliding_window(p, img, (64, 48), (32, 24), batch_size=3),
+        lambda p, img: modes.roi(p, img, {"left": "16px", "top": "0px", "right": "16px", "bottom": "0px"}),
+    ):
+        pred, pred_flipped = run(mirrored, image), run(mirrored, flipped)
+        assert_probabilities(pred, (48, 160))
+        assert np.allclose(pred_flipped.probs, pred.probs[:, :, ::-1], atol=1e-6)
+        assert not np.allclose(run(predictor, flipped).probs, run(predictor, image).probs[:, :, ::-1], atol=1e-3)

@@ -12,11 +12,11 @@ import pytest
 
 from plugin.errors import TaskError
 from plugin.format.geometry import Bitmap, Polygon, Rectangle, encode_bitmap
+from plugin.format.images import read_image
 from plugin.format.project import (
     find_project,
     list_items,
     read_annotation,
-    read_image,
     read_image_tags,
     read_meta,
 )
@@ -279,28 +279,6 @@ def test_undrawable_objects_are_skipped_with_one_warning_per_class(tmp_path: Pat
             assert [label.class_title for label in ann.labels] == ["kiwi"]
     warned = [r.class_title for r in caplog.records if hasattr(r, "class_title")]
     assert warned == ["wire_once", "free_once"]
-
-
-# --- images -----------------------------------------------------------------------------------------
-
-def test_read_image_is_rgb(tmp_path: Path) -> None:
-    bgr = np.zeros((3, 4, 3), np.uint8)
-    bgr[..., 0] = 200  # blue in OpenCV's order
-    cv2.imwrite(str(tmp_path / "a.png"), bgr)
-    rgb = read_image(tmp_path / "a.png")
-    assert rgb.shape == (3, 4, 3) and rgb.dtype == np.uint8
-    assert (rgb[..., 2] == 200).all() and (rgb[..., :2] == 0).all()
-    cv2.imwrite(str(tmp_path / "g.png"), np.full((2, 2), 7, np.uint8))
-    assert read_image(tmp_path / "g.png").shape == (2, 2, 3)
-
-
-def test_unreadable_image_names_the_file(tmp_path: Path) -> None:
-    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
-    with pytest.raises(TaskError, match="cannot be decoded") as info:
-        read_image(tmp_path / "bad.jpg")
-    assert info.value.where == str(tmp_path / "bad.jpg")
-    with pytest.raises(TaskError, match="cannot be read"):
-        read_image(tmp_path / "missing.png")
 
 
 # --- the real sample project ------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The train entrypoint end to end on real task dirs, and the loop's planning arithmetic."""
+"""The train entrypoint end to end on real task dirs: outputs, log lines, weight init and config wiring."""
 
 from __future__ import annotations
 
@@ -9,44 +9,9 @@ import shutil
 import pytest
 import torch
 
-from plugin.training.task import EvalPlanner, LrPolicy
 from tests.conftest import ISBI, TINY_CONFIG, make_task, run_entrypoint
 
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
-
-
-def planned_epochs(val_every: float, iters: int, epochs: int) -> list[float]:
-    planner = EvalPlanner(val_every, iters, epochs)
-    return [
-        round(e + (i + 1) / iters, 3) for e in range(epochs) for i in range(iters) if planner.due(e, i)
-    ]
-
-
-def test_planner_matches_the_legacy_example():
-    # agent-protocol.md: 7 iterations/epoch, val_every 0.5, 2 epochs -> 0.571, 1.0, 1.571, 2.0
-    assert planned_epochs(0.5, 7, 2) == [0.571, 1.0, 1.571, 2.0]
-
-
-def test_planner_always_ends_with_a_validation():
-    assert planned_epochs(0.7, 4, 2) == [0.75, 1.5, 2.0]  # 2 / 0.7 is not whole: the legacy loop never saved 2.0
-    assert planned_epochs(5, 3, 2) == [2.0]  # val_every > epochs: legacy made no checkpoint at all
-    assert planned_epochs(1, 1, 3) == [1.0, 2.0, 3.0]
-
-
-def test_planner_validates_at_most_once_per_iteration():
-    # val_every smaller than one iteration: legacy arithmetic, one validation per iteration.
-    assert planned_epochs(0.1, 2, 1) == [0.5, 1.0]
-
-
-def test_lr_policy_divides_after_patience_validations_without_improvement():
-    param = torch.nn.Parameter(torch.zeros(1))
-    optimizer = torch.optim.Adam([param], lr=1.0)
-    policy = LrPolicy(patience=2, divisor=4)
-    lowered = [policy.step(loss, optimizer) for loss in (1.0, 0.9, 0.95, 0.92, 0.99, 0.98, 0.97)]
-    # The legacy arithmetic: more than `patience` validations since the last reset, and none of the
-    # last `patience` losses is the best so far.
-    assert lowered == [False, False, False, True, False, False, True]
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(1 / 16)
 
 
 def test_full_run_writes_checkpoints_and_agent_log(trained_task):
@@ -79,6 +44,9 @@ def test_full_run_writes_checkpoints_and_agent_log(trained_task):
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.pt"]
     assert checkpoints[0]["sizeb"] == sum(p.stat().st_size for p in folder.iterdir())
     assert (root / "tmp" / "train_log.jsonl").is_file()
+    # The defaults: AdamW and poly, half an epoch (1 of the 2 iterations) of warmup.
+    assert any(line["message"] == "optimizer adamw (weight decay 0.01), lr 0.001 with the poly schedule after "
+               "1 warmup iterations of 2" for line in lines)
 
 
 def test_checkpoint_config_keeps_the_legacy_shape(trained_task):
@@ -98,12 +66,16 @@ def test_checkpoint_config_keeps_the_legacy_shape(trained_task):
 
 def test_continue_training_from_a_checkpoint(trained_task, tmp_path):
     root, _ = trained_task
-    config = dict(TINY_CONFIG, weights_init_type="continue_training")
+    # lr_decreasing without lr_schedule: a legacy config, trained with the legacy rule.
+    config = dict(TINY_CONFIG, weights_init_type="continue_training", lr_decreasing={"patience": 2, "lr_divisor": 5})
     task = make_task(tmp_path / "task", config)
     shutil.copytree(root / "results" / "00000000", task / "model")
     run = run_entrypoint("entrypoints.train", task)
     assert run.returncode == 0, run.stderr[-3000:]
     assert any("every weight of the model was loaded" in line["message"] for line in run.lines)
+    messages = [line["message"] for line in run.lines]
+    assert any("keeps the legacy rule" in m for m in messages)
+    assert any(m.startswith("optimizer adam (weight decay 0), lr 0.001 with the plateau schedule") for m in messages)
     assert (task / "results" / "00000000" / "model.pt").is_file()
 
 
@@ -124,7 +96,7 @@ def test_continue_training_refuses_a_different_class_mapping(trained_task, tmp_p
 
 def test_transfer_learning_from_a_checkpoint_of_other_classes(trained_task, tmp_path):
     root, _ = trained_task
-    task = make_task(tmp_path / "task")
+    task = make_task(tmp_path / "task", dict(TINY_CONFIG, class_weights="auto"))
     shutil.copytree(root / "results" / "00000000", task / "model")
     meta = json.loads((task / "data" / "shapes" / "meta.json").read_text())
     meta["classes"] = [c for c in meta["classes"] if c["title"] != "box"]
@@ -136,8 +108,18 @@ def test_transfer_learning_from_a_checkpoint_of_other_classes(trained_task, tmp_
     run = run_entrypoint("entrypoints.train", task)
     assert run.returncode == 0, run.stderr[-3000:]
     assert any("transfer_learning: loaded" in line["message"] for line in run.lines)
+    auto = [line for line in run.lines if line["message"].startswith("class_weights auto")]
+    assert len(auto) == 1 and list(auto[0]["class_weights"]) == ["bg", "blob", "ring"]
     state = torch.load(task / "results" / "00000000" / "model.pt", weights_only=True)
     assert state["module.last_conv.weight"].shape == (3, 64, 1, 1)
+
+
+def test_class_weights_of_the_wrong_length_name_the_class_order(tmp_path):
+    task = make_task(tmp_path / "task", dict(TINY_CONFIG, class_weights=[1, 2]))
+    run = run_entrypoint("entrypoints.train", task)
+    assert run.returncode == 1
+    crash = run.events("TASK_CRASHED")[0]["message"]
+    assert "class_weights" in crash and "4 classes" in crash and "bg, blob, box, ring" in crash
 
 
 @pytest.mark.skipif(not ISBI.is_dir(), reason="../shared/data/isbi2012-membranes is not beside the repo")

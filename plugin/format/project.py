@@ -12,9 +12,6 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
-import numpy as np
-
 from plugin.errors import TaskError
 from plugin.format.geometry import Geometry, crop_to_image, object_shape, parse_geometry
 from plugin.jsonfile import read_json
@@ -165,19 +162,6 @@ def parse_annotation(doc: dict, meta: ProjectMeta, path: Path) -> Annotation:
 def read_image_tags(path: Path) -> set[str]:
     """Only the image tag names of an annotation file (its objects are not parsed)."""
     return _tag_names(read_json(path), path)
-
-
-def read_image(path: Path) -> np.ndarray:
-    """RGB uint8 (H, W, 3), decoded by OpenCV as the SDK does (grey and alpha images become 3 channels)."""
-    try:
-        # np.fromfile + imdecode rather than imread: the error then tells a missing file from a bad one.
-        data = np.fromfile(path, dtype=np.uint8)
-    except OSError as exc:
-        raise TaskError(f"the image cannot be read: {exc.strerror or exc}", where=path) from None
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR)
-    if image is None:
-        raise TaskError("the image cannot be decoded (corrupt or unsupported format)", where=path)
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
 def check_image_size(item: Item, ann: Annotation, height: int, width: int) -> None:

@@ -22,6 +22,16 @@ from plugin.nn.weights import CONFIG_NAME, WEIGHTS_NAME, load_continue, load_sta
 
 log = logging.getLogger(__name__)
 
+# Test-time augmentation flips by config name -> the (N, C, H, W) dims they reverse.
+FLIPS: dict[str, tuple[int, ...]] = {"horizontal": (3,), "vertical": (2,), "both": (2, 3)}
+
+
+def tta_flips(setting: bool | Sequence[str]) -> tuple[str, ...]:
+    """The flips of a config's mode.tta: true is every flip (nnU-Net's mirroring), false none."""
+    if isinstance(setting, bool):
+        return tuple(FLIPS) if setting else ()
+    return tuple(setting)
+
 
 @dataclass
 class Predictor:
@@ -32,6 +42,7 @@ class Predictor:
     input_size: tuple[int, int]  # (width, height) the model was trained at
     class_titles: list[str]  # by model index
     out_classes: list[dict]  # {"title", "shape", "color", ...} as config.json lists them
+    tta: tuple[str, ...] = ()  # FLIPS names whose flipped-back predictions are averaged in; () = one pass
 
     @property
     def num_classes(self) -> int:
@@ -45,19 +56,25 @@ class Predictor:
 
         Each crop is resized to the input size as in training; the output is resized back (bilinear,
         which keeps probabilities in [0, 1] and summing to 1) to `size` = (height, width), by default
-        the size of the first crop, so all crops of one call must share their size.
+        the size of the first crop, so all crops of one call must share their size. With `tta`, the mean
+        over the plain pass and each flip (flipped back) is returned, so every mode gets the same TTA.
         """
         width, height = self.input_size
         batch = torch.stack([normalize(resize_image(crop, width, height)) for crop in crops]).to(self.device)
         with torch.inference_mode():
             probs = torch.softmax(self.model(batch).float(), dim=1)
+            # One pass per flip rather than one 4x batch: sliding_window's batch_size bounds the memory.
+            for name in self.tta:
+                dims = FLIPS[name]
+                probs += torch.softmax(self.model(batch.flip(dims)).float(), dim=1).flip(dims)
+            probs /= 1 + len(self.tta)
             out_size = size if size is not None else crops[0].shape[:2]
             if tuple(out_size) != (height, width):
                 probs = F.interpolate(probs, size=tuple(out_size), mode="bilinear", align_corners=False)
         return probs
 
 
-def load_predictor(model_dir: Path, gpu_device: int) -> Predictor:
+def load_predictor(model_dir: Path, gpu_device: int, tta: tuple[str, ...] = ()) -> Predictor:
     """The model in model/, checked against its config.json; TaskError naming the file at fault."""
     config_path, weights_path = model_dir / CONFIG_NAME, model_dir / WEIGHTS_NAME
     for path in (config_path, weights_path):
@@ -95,4 +112,4 @@ def load_predictor(model_dir: Path, gpu_device: int) -> Predictor:
         f"model loaded: {num_classes} classes ({', '.join(titles)}), input {input_size[0]}x{input_size[1]}",
         extra={"classes": titles},
     )
-    return Predictor(model, device, input_size, titles, list(config.get("out_classes") or []))
+    return Predictor(model, device, input_size, titles, list(config.get("out_classes") or []), tta)

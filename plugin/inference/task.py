@@ -21,6 +21,7 @@ from plugin.config import load_inference_config
 from plugin.errors import TaskError
 from plugin.format.classes import BACKGROUND_COLOR
 from plugin.format.geometry import Bitmap, Rectangle, bitmap_to_json
+from plugin.format.images import read_image
 from plugin.format.project import (
     Item,
     ProjectMeta,
@@ -29,11 +30,10 @@ from plugin.format.project import (
     link_or_copy,
     list_items,
     parse_annotation,
-    read_image,
     read_meta,
 )
 from plugin.inference import modes
-from plugin.inference.predictor import Predictor, load_predictor
+from plugin.inference.predictor import Predictor, load_predictor, tta_flips
 from plugin.jsonfile import read_json, write_json
 from plugin.task_dir import TaskDir
 
@@ -64,7 +64,7 @@ def infer_task(task: TaskDir) -> InferSummary:
     agent_log.add_log_file(task.tmp_dir / "inference_log.jsonl")
     config = load_inference_config(task.config_path)
     mode = config["mode"]
-    predictor = load_predictor(task.model_dir, config["model"]["gpu_device"])
+    predictor = load_predictor(task.model_dir, config["model"]["gpu_device"], tta_flips(mode["tta"]))
     project_dir = find_project(task.data_dir)
     meta = read_meta(project_dir)
     plan = plan_output(mode, predictor, meta)

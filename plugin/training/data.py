@@ -17,14 +17,15 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from plugin.errors import TaskError
 from plugin.format.classes import NEUTRAL_INDEX, ClassMapping
+from plugin.format.images import read_image, read_image_size
 from plugin.format.masks import rasterize
-from plugin.format.project import Item, ProjectMeta, check_image_size, read_annotation, read_image, read_image_tags
+from plugin.format.project import Item, ProjectMeta, check_image_size, read_annotation, read_image_tags
 from plugin.nn.preprocess import normalize, resize_image, resize_mask
+from plugin.training.augment import Augmenter, sample_seed
 
 log = logging.getLogger(__name__)
 
@@ -55,16 +56,6 @@ def split_items(items: Sequence[Item], train_tag: str, val_tag: str) -> dict[str
                 where=f"dataset_tags.{split}",
             )
     return splits
-
-
-def image_size(item: Item) -> tuple[int, int]:
-    """(height, width) from the image header, without decoding the pixels."""
-    try:
-        with Image.open(item.image_path) as img:
-            width, height = img.size
-    except Exception as exc:  # PIL raises many types for broken files
-        raise TaskError(f"the image cannot be read: {exc}", where=item.image_path) from exc
-    return height, width
 
 
 @dataclass
@@ -106,8 +97,8 @@ def prepare_masks(
 ) -> tuple[list[Item], list[np.ndarray]]:
     """Rasterize every item's annotation once, resized to input_size (width, height).
 
-    Checks each annotation against its image's header so that a size mismatch or an unreadable
-    image is found before training starts. Corrupted items are dropped within the budget.
+    Checks each annotation against its image's oriented size (EXIF applied, as decoding does), so
+    that a size mismatch or an unreadable image is found before training starts. Corrupted items are dropped within the budget.
     """
     width, height = input_size
     kept: list[Item] = []
@@ -115,7 +106,7 @@ def prepare_masks(
     for item in items:
         try:
             ann = read_annotation(item.ann_path, meta)
-            check_image_size(item, ann, *image_size(item))
+            check_image_size(item, ann, *read_image_size(item.image_path))
             mask = resize_mask(rasterize(ann, mapping), width, height)
         except TaskError as exc:
             budget.spend(exc.where or item.ann_path, exc)
@@ -131,7 +122,8 @@ class SegmentationDataset(Dataset):
     """(image float32 (3, H, W), target int64 (H, W)) pairs at the input size, targets from the mask cache.
 
     An index from len(self) on is padding (see val_shard): a zero image whose target is all neutral,
-    so it counts in no loss and no metric.
+    so it counts in no loss and no metric. With an augmenter, sample i of epoch e is augmented with
+    the seed sample_seed(seed, e, i), whichever worker loads it.
     """
 
     def __init__(
@@ -140,19 +132,37 @@ class SegmentationDataset(Dataset):
         masks: Sequence[np.ndarray],
         input_size: tuple[int, int],
         budget: CorruptionBudget,
+        augment: Augmenter | None = None,
+        seed: int = 0,
     ) -> None:
         self.items = list(items)
         self.masks = list(masks)
         self.width, self.height = input_size
         self.budget = budget
+        self.augment = augment
+        self.seed = seed
+        # Shared memory, not an attribute: persistent loader workers keep the dataset copy they forked
+        # with, and must still see the epoch. The main process sets it before the epoch's iterator
+        # hands any index to a worker, so every sample of the epoch reads the new value.
+        self._epoch = multiprocessing.Value("q", 0, lock=False)
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch the next samples belong to (their augmentation depends on it)."""
+        self._epoch.value = epoch
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         if index >= len(self.items):
             image = torch.zeros(3, self.height, self.width)
             return image, torch.full((self.height, self.width), NEUTRAL_INDEX, dtype=torch.int64)
+        image, mask = self.sample(index)
+        return normalize(image), torch.from_numpy(mask.astype(np.int64))
+
+    def sample(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(RGB uint8 (H, W, 3), class mask uint8 (H, W)) of a real index, augmented when the dataset augments."""
+        seed = sample_seed(self.seed, self._epoch.value, index)
         # A file can pass the header check and still fail to decode; replace it by another sample
         # while the split's budget allows, as the legacy trainer did.
         for _ in range(100):
@@ -163,9 +173,10 @@ class SegmentationDataset(Dataset):
                 self.budget.spend(item.image_path, exc)
                 index = random.randrange(len(self.items))
                 continue
-            image = resize_image(image, self.width, self.height)
-            target = torch.from_numpy(self.masks[index].astype(np.int64))
-            return normalize(image), target
+            image, mask = resize_image(image, self.width, self.height), self.masks[index]
+            if self.augment is None:
+                return image, mask
+            return self.augment(image, mask, seed)
         raise TaskError("no readable sample found after 100 tries", where=f"{self.budget.split} split")
 
 

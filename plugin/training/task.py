@@ -12,9 +12,8 @@ same decisions and rank 0 logs what a single process would; only rank 0 writes f
 from __future__ import annotations
 
 import logging
-import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,12 +28,13 @@ from plugin.format.classes import NEUTRAL_INDEX, ClassMapping, build_mapping, ch
 from plugin.format.project import ProjectMeta, find_project, list_items, read_meta
 from plugin.jsonfile import read_json
 from plugin.nn.devices import WorldPlan, plan_world
-from plugin.nn.losses import segmentation_loss
+from plugin.nn.losses import resolve_class_weights, segmentation_loss
 from plugin.nn.metrics import confusion_matrix, summarize
 from plugin.nn.model import build_model
 from plugin.nn.weights import CONFIG_NAME, WEIGHTS_NAME, load_continue, load_state_dict, load_transfer
 from plugin.task_dir import TaskDir
 from plugin.training import distributed
+from plugin.training.augment import build_augmenter
 from plugin.training.checkpoints import CheckpointWriter, checkpoint_config
 from plugin.training.data import (
     CorruptionBudget,
@@ -45,57 +45,9 @@ from plugin.training.data import (
     val_shard,
 )
 from plugin.training.distributed import DistContext
+from plugin.training.schedule import EvalPlanner, build_optimizer, lr_schedule, plateau_policy, set_lr
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class EvalPlanner:
-    """When to validate: every `val_every` epochs (fractional allowed), and always after the last iteration.
-
-    The legacy count `floor(epoch / val_every + 1e-9)` is kept so checkpoints land where legacy users
-    expect them; unlike the legacy trainer, the final iteration always validates, so every run ends
-    with a checkpoint even when epochs / val_every is not whole or val_every > epochs.
-    """
-
-    val_every: float
-    iters_per_epoch: int
-    epochs: int
-    done: int = 0
-
-    def due(self, epoch: int, iteration: int) -> bool:
-        """Whether to validate after `iteration` (0-based) of `epoch` (0-based)."""
-        progress = epoch + (iteration + 1) / self.iters_per_epoch
-        count = math.floor(progress / self.val_every + 1e-9)
-        last = epoch == self.epochs - 1 and iteration == self.iters_per_epoch - 1
-        if count > self.done or last:
-            self.done = max(count, self.done + 1)
-            return True
-        return False
-
-
-@dataclass
-class LrPolicy:
-    """Divide the LR by `divisor` after `patience` validations without a new best loss.
-
-    Unlike the legacy trainer, the optimizer is kept (its moments survive the LR drop).
-    """
-
-    patience: int
-    divisor: float
-    losses: list[float] = field(default_factory=list)
-    last_reset: int = 0
-
-    def step(self, val_loss: float, optimizer: torch.optim.Optimizer) -> bool:
-        """Record a validation loss; returns True when the LR was lowered."""
-        self.losses.append(val_loss)
-        waited = len(self.losses) - self.last_reset
-        if waited <= self.patience or min(self.losses[-self.patience :]) <= min(self.losses):
-            return False
-        for group in optimizer.param_groups:
-            group["lr"] /= self.divisor
-        self.last_reset = len(self.losses)
-        return True
 
 
 @dataclass
@@ -136,6 +88,12 @@ def train_rank(ctx: DistContext, task: TaskDir, config: dict, world: WorldPlan) 
     splits = split_items(list_items(project_dir), tags["train"], tags["val"])
     train_data = build_dataset("train", splits["train"], meta, mapping, config)
     val_data = build_dataset("val", splits["val"], meta, mapping, config)
+    titles = titles_by_index(mapping.title_to_idx)
+    class_weights = resolve_class_weights(config["class_weights"], titles, train_data.masks, NEUTRAL_INDEX)
+    if config["class_weights"] == "auto" and ctx.is_main:
+        by_title = dict(zip(titles, class_weights))
+        log.info("class_weights auto (median frequency over the train masks): "
+                 + ", ".join(f"{t} {w:.3g}" for t, w in by_title.items()), extra={"class_weights": by_title})
     workers = config["data_workers"]
     # DistributedSampler for every world size, so the global batch of step i holds the same samples
     # whatever the number of processes (rank r takes every world-th index of one seeded permutation).
@@ -152,7 +110,7 @@ def train_rank(ctx: DistContext, task: TaskDir, config: dict, world: WorldPlan) 
     model = build_model(mapping.num_classes)
     apply_initial_weights(model, initial_weights, config["weights_init_type"], task.model_dir / WEIGHTS_NAME)
     writer = CheckpointWriter(task.results_dir, task.tmp_dir / "checkpoints") if ctx.is_main else None
-    return fit(model, loaders, config, mapping, device, writer, ctx, val_real)
+    return fit(model, loaders, config, mapping, device, writer, ctx, val_real, class_weights)
 
 
 def read_initial_weights(model_dir: Path, init_type: str, mapping: ClassMapping) -> dict[str, torch.Tensor] | None:
@@ -201,14 +159,18 @@ def build_dataset(
     kept, masks = prepare_masks(items, meta, mapping, size, budget, on_item=progress.tick)
     if not kept:
         raise TaskError(f"every sample of the {split} split is corrupted", where=f"dataset_tags.{split}")
-    return SegmentationDataset(kept, masks, size, budget)
+    augment = build_augmenter(config["augmentations"]) if split == "train" else None
+    return SegmentationDataset(kept, masks, size, budget, augment, config["seed"])
 
 
-def loss_fn(config: dict, num_classes: int):
+def loss_fn(config: dict, num_classes: int, class_weights: list[float] | None = None):
     weights = config["loss_weights"]
+    per_class = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32)
 
     def compute(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return segmentation_loss(logits, target, num_classes, NEUTRAL_INDEX, weights["bce"], weights["dice"])
+        return segmentation_loss(
+            logits, target, num_classes, NEUTRAL_INDEX, weights["bce"], weights["dice"], per_class
+        )
 
     return compute
 
@@ -230,21 +192,32 @@ def fit(
     writer: CheckpointWriter | None,
     ctx: DistContext = distributed.SINGLE,
     val_real: int | None = None,
+    class_weights: list[float] | None = None,
 ) -> TrainSummary:
-    """The loop: Adam, per-iteration train metrics, validation and a checkpoint when the planner says so.
+    """The loop: the configured optimizer and LR schedule, per-iteration train metrics, validation and
+    a checkpoint when the planner says so.
 
     `writer` is None on the ranks that write nothing; `val_real` is how many of this rank's val
-    samples are real (the rest is padding), all of them when None.
+    samples are real (the rest is padding), all of them when None; `class_weights` (one per class)
+    weight the cross-entropy term.
     """
     model.to(device)
     net = wrap_model(model, device, ctx, config["sync_batchnorm"])
-    optimizer = torch.optim.Adam(net.parameters(), lr=config["lr"])
-    compute_loss = loss_fn(config, mapping.num_classes)
+    optimizer = build_optimizer(net, config)
+    compute_loss = loss_fn(config, mapping.num_classes, class_weights)
     titles = titles_by_index(mapping.title_to_idx)
     iters = len(loaders["train"])
     epochs = config["epochs"]
     planner = EvalPlanner(config["val_every"], iters, epochs)
-    lr_policy = LrPolicy(config["lr_decreasing"]["patience"], config["lr_decreasing"]["lr_divisor"])
+    schedule = lr_schedule(config, iters)
+    lr_policy = plateau_policy(config)
+    if ctx.is_main:
+        log.info(
+            f"optimizer {config['optimizer']['name']} (weight decay {config['optimizer']['weight_decay']:g}), "
+            f"lr {config['lr']:g} with the {schedule.name} schedule after {schedule.warmup_steps} warmup "
+            f"iterations of {schedule.total_steps}",
+            extra={"optimizer": config["optimizer"], "lr_schedule": config["lr_schedule"]},
+        )
     ckpt_config = checkpoint_config(config, mapping)
     progress = agent_log.Progress("Model training: ", epochs * iters)
     saved: list[Path] = []
@@ -255,6 +228,7 @@ def fit(
     for epoch in range(epochs):
         if isinstance(sampler, DistributedSampler):
             sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every rank
+        loaders["train"].dataset.set_epoch(epoch)  # and new augmentations
         for iteration, (images, targets) in enumerate(loaders["train"]):
             net.train()
             images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
@@ -262,6 +236,8 @@ def fit(
             loss = compute_loss(logits, targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            scale = 1.0 if lr_policy is None else lr_policy.scale
+            set_lr(optimizer, schedule.lr_at(epoch * iters + iteration) * scale)
             optimizer.step()
             progress.tick()
 
@@ -285,11 +261,12 @@ def fit(
                     saved.append(path)
                 if best is None or val_metrics["loss"] < best[1]["loss"]:
                     best = (path, val_metrics)
-                if lr_policy.step(val_metrics["loss"], optimizer):
+                if lr_policy is not None and lr_policy.step(val_metrics["loss"]):
+                    lr = config["lr"] * lr_policy.scale
                     log.info(
                         f"val loss did not improve for {lr_policy.patience} validations: "
-                        f"learning rate lowered to {optimizer.param_groups[0]['lr']:.3g}",
-                        extra={"lr": optimizer.param_groups[0]["lr"]},
+                        f"learning rate lowered to {lr:.3g}",
+                        extra={"lr": lr},
                     )
     assert best is not None, "the planner always validates after the last iteration"
     _dump_rank_weights(model, ctx)

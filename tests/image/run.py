@@ -29,7 +29,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from plugin.format.project import Annotation, list_items, read_annotation, read_image, read_meta
+from plugin.format.images import read_image
+from plugin.format.project import Annotation, list_items, read_annotation, read_meta
 from plugin.nn.weights import load_state_dict
 from plugin.synthetic import make_project
 

@@ -1,0 +1,127 @@
+"""When the loop validates, and how the optimizer and the learning rate are set up from the config."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import pytest
+import torch
+
+from plugin.config import load_train_config
+from plugin.training.schedule import EvalPlanner, LrPolicy, LrSchedule, build_optimizer, lr_schedule, plateau_policy
+
+
+def planned_epochs(val_every: float, iters: int, epochs: int) -> list[float]:
+    planner = EvalPlanner(val_every, iters, epochs)
+    return [
+        round(e + (i + 1) / iters, 3) for e in range(epochs) for i in range(iters) if planner.due(e, i)
+    ]
+
+
+def load(tmp_path, user: dict) -> dict:
+    path = tmp_path / "task_config.json"
+    path.write_text(json.dumps(user))
+    return load_train_config(path)
+
+
+def test_planner_matches_the_legacy_example():
+    # agent-protocol.md: 7 iterations/epoch, val_every 0.5, 2 epochs -> 0.571, 1.0, 1.571, 2.0
+    assert planned_epochs(0.5, 7, 2) == [0.571, 1.0, 1.571, 2.0]
+
+
+def test_planner_always_ends_with_a_validation():
+    assert planned_epochs(0.7, 4, 2) == [0.75, 1.5, 2.0]  # 2 / 0.7 is not whole: the legacy loop never saved 2.0
+    assert planned_epochs(5, 3, 2) == [2.0]  # val_every > epochs: legacy made no checkpoint at all
+    assert planned_epochs(1, 1, 3) == [1.0, 2.0, 3.0]
+
+
+def test_planner_validates_at_most_once_per_iteration():
+    # val_every smaller than one iteration: legacy arithmetic, one validation per iteration.
+    assert planned_epochs(0.1, 2, 1) == [0.5, 1.0]
+
+
+def test_plateau_policy_divides_after_patience_validations_without_improvement():
+    policy = LrPolicy(patience=2, divisor=4)
+    lowered = [policy.step(loss) for loss in (1.0, 0.9, 0.95, 0.92, 0.99, 0.98, 0.97)]
+    # The legacy arithmetic: more than `patience` validations since the last reset, and none of the
+    # last `patience` losses is the best so far.
+    assert lowered == [False, False, False, True, False, False, True]
+    assert policy.scale == pytest.approx(1 / 16)
+
+
+def test_warmup_rises_linearly_to_the_base_lr():
+    schedule = LrSchedule("poly", base_lr=0.5, total_steps=100, warmup_steps=10)
+    warmup = [schedule.lr_at(s) for s in range(10)]
+    assert warmup == pytest.approx([0.05 * (s + 1) for s in range(10)])
+    assert schedule.lr_at(10) == pytest.approx(0.5)
+
+
+def test_poly_decays_monotonically_to_nearly_zero():
+    schedule = LrSchedule("poly", base_lr=1.0, total_steps=100, warmup_steps=0)
+    lrs = [schedule.lr_at(s) for s in range(100)]
+    assert lrs[0] == 1.0
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+    assert 0 < lrs[-1] == pytest.approx(0.01**0.9)  # (1 - 99/100) ** 0.9: the last step still learns
+    assert lrs[50] == pytest.approx(0.5**0.9)
+
+
+def test_cosine_is_half_the_lr_halfway_through_the_decay():
+    schedule = LrSchedule("cosine", base_lr=2.0, total_steps=110, warmup_steps=10)
+    assert schedule.lr_at(10) == pytest.approx(2.0)
+    assert schedule.lr_at(60) == pytest.approx(1.0)
+    assert schedule.lr_at(109) == pytest.approx(1.0 + math.cos(math.pi * 0.99))
+    assert schedule.lr_at(109) < 0.01
+
+
+def test_plateau_schedule_holds_the_lr_for_the_policy_to_divide():
+    schedule = LrSchedule("plateau", base_lr=0.1, total_steps=50, warmup_steps=0)
+    assert {schedule.lr_at(s) for s in range(50)} == {0.1}
+
+
+def test_schedule_from_config_counts_iterations(tmp_path):
+    config = load(tmp_path, {"epochs": 4, "lr": 0.01, "lr_schedule": {"name": "cosine", "warmup_epochs": 0.5}})
+    schedule = lr_schedule(config, iters_per_epoch=6)
+    assert schedule == LrSchedule("cosine", 0.01, total_steps=24, warmup_steps=3)
+    # A warmup longer than the run is the whole run, not an error.
+    long = dict(config, lr_schedule={"name": "poly", "warmup_epochs": 10})
+    assert lr_schedule(long, iters_per_epoch=6).warmup_steps == 24
+    assert plateau_policy(config) is None
+
+
+def test_defaults_are_adamw_with_decay_and_poly_with_warmup(tmp_path):
+    config = load(tmp_path, {})
+    assert config["optimizer"] == {"name": "adamw", "weight_decay": 0.01}
+    assert config["lr_schedule"] == {"name": "poly", "warmup_epochs": 0.5}
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    optimizer = build_optimizer(model, config)
+    assert type(optimizer) is torch.optim.AdamW
+    decay = {tuple(p.shape): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    # The conv kernel decays; its bias and the BatchNorm scale and shift (all of shape (4,)) do not.
+    assert decay == {(4, 3, 3, 3): 0.01, (4,): 0.0}
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == 4
+
+
+def test_a_legacy_config_with_lr_decreasing_keeps_the_plateau_rule_and_adam(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="plugin.config"):
+        config = load(tmp_path, {"lr_decreasing": {"patience": 1000, "lr_divisor": 5}})
+    assert config["lr_schedule"] == {"name": "plateau", "warmup_epochs": 0}
+    assert config["optimizer"] == {"name": "adam", "weight_decay": 0}
+    assert [r.getMessage() for r in caplog.records if "legacy rule" in r.getMessage()]
+    policy = plateau_policy(config)
+    assert (policy.patience, policy.divisor) == (1000, 5)
+    assert type(build_optimizer(torch.nn.Linear(2, 2), config)) is torch.optim.Adam
+
+
+def test_explicit_keys_win_over_the_legacy_rule(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="plugin.config"):
+        chosen = load(tmp_path, {"lr_decreasing": {"patience": 2, "lr_divisor": 5},
+                                 "lr_schedule": {"name": "cosine", "warmup_epochs": 1}})
+    assert chosen["lr_schedule"] == {"name": "cosine", "warmup_epochs": 1}
+    assert chosen["optimizer"] == {"name": "adamw", "weight_decay": 0.01}
+    assert not [r for r in caplog.records if "legacy rule" in r.getMessage()]
+    own_optimizer = load(tmp_path, {"lr_decreasing": {"patience": 2, "lr_divisor": 5},
+                                    "optimizer": {"name": "adamw", "weight_decay": 0.001}})
+    assert own_optimizer["lr_schedule"]["name"] == "plateau"
+    assert own_optimizer["optimizer"] == {"name": "adamw", "weight_decay": 0.001}
