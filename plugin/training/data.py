@@ -98,7 +98,8 @@ def prepare_masks(
     """Rasterize every item's annotation once, resized to input_size (width, height).
 
     Checks each annotation against its image's oriented size (EXIF applied, as decoding does), so
-    that a size mismatch or an unreadable image is found before training starts. Corrupted items are dropped within the budget.
+    that a size mismatch or an unreadable image is found before training starts. Corrupted items
+    are dropped within the budget.
     """
     width, height = input_size
     kept: list[Item] = []

@@ -10,11 +10,11 @@ import numpy as np
 
 from plugin.config import load_train_config
 from plugin.errors import TaskError
-from plugin.format.classes import BACKGROUND_COLOR, NEUTRAL_INDEX, ClassMapping, build_mapping
-from plugin.format.project import ProjectMeta, find_project, list_items, read_meta
+from plugin.format.classes import BACKGROUND_COLOR, NEUTRAL_INDEX, ClassMapping
+from plugin.format.project import ProjectMeta, list_items
 from plugin.task_dir import TaskDir
 from plugin.training.data import split_items
-from plugin.training.task import build_dataset
+from plugin.training.task import build_dataset, read_project
 
 _ALPHA = 0.5
 
@@ -26,10 +26,7 @@ def write_preview(task: TaskDir, out_dir: Path, n: int) -> list[Path]:
     image shows up again, augmented as in a later epoch.
     """
     config = load_train_config(task.config_path)
-    project_dir = find_project(task.data_dir)
-    meta = read_meta(project_dir)
-    specials = config["special_classes"]
-    mapping = build_mapping(meta, specials["background"], specials["neutral"])
+    project_dir, meta, mapping = read_project(task, config)
     tags = config["dataset_tags"]
     # Only the images shown need their masks rasterized.
     items = split_items(list_items(project_dir), tags["train"], tags["val"])["train"][:n]

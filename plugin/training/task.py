@@ -78,10 +78,7 @@ def train_rank(ctx: DistContext, task: TaskDir, config: dict, world: WorldPlan) 
     if ctx.is_main:
         agent_log.add_log_file(task.tmp_dir / "train_log.jsonl")
     device = world.device(ctx.local_rank)
-    project_dir = find_project(task.data_dir)
-    meta = read_meta(project_dir)
-    specials = config["special_classes"]
-    mapping = build_mapping(meta, specials["background"], specials["neutral"])
+    project_dir, meta, mapping = read_project(task, config)
     initial_weights = read_initial_weights(task.model_dir, config["weights_init_type"], mapping)
 
     tags = config["dataset_tags"]
@@ -111,6 +108,14 @@ def train_rank(ctx: DistContext, task: TaskDir, config: dict, world: WorldPlan) 
     apply_initial_weights(model, initial_weights, config["weights_init_type"], task.model_dir / WEIGHTS_NAME)
     writer = CheckpointWriter(task.results_dir, task.tmp_dir / "checkpoints") if ctx.is_main else None
     return fit(model, loaders, config, mapping, device, writer, ctx, val_real, class_weights)
+
+
+def read_project(task: TaskDir, config: dict) -> tuple[Path, ProjectMeta, ClassMapping]:
+    """The task dir's project folder, its meta and the class mapping the config's special classes give."""
+    project_dir = find_project(task.data_dir)
+    meta = read_meta(project_dir)
+    specials = config["special_classes"]
+    return project_dir, meta, build_mapping(meta, specials["background"], specials["neutral"])
 
 
 def read_initial_weights(model_dir: Path, init_type: str, mapping: ClassMapping) -> dict[str, torch.Tensor] | None:
