@@ -28,7 +28,8 @@ demo: venv
 bench: venv
 	$(PY) -m benchmarks.run
 
-# Model quality on ../shared/data/isbi2012-membranes: default vs legacy recipe (about an hour on 2 cores).
+# Model quality on ../shared/data/isbi2012-membranes: default vs legacy recipe (about 30 minutes of
+# training each on 2 cores).
 bench-quality: venv
 	$(PY) -m benchmarks.quality
 

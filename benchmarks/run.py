@@ -39,7 +39,7 @@ from plugin.nn.preprocess import normalize, resize_image
 from plugin.training import distributed
 from plugin.training.checkpoints import legacy_state_dict
 from plugin.training.data import CorruptionBudget, SegmentationDataset, make_loader, prepare_masks
-from plugin.training.task import wrap_model
+from plugin.training.loop import wrap_model
 
 CLASSES = [
     {"title": "poly", "shape": "polygon", "color": "#FF0000"},

@@ -42,13 +42,13 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _masks(args: argparse.Namespace) -> None:
-    from plugin.config import load_train_config
+    from plugin.config import read_train_config
     from plugin.format.masks import write_masks
 
     background, neutral = "bg", "neutral"
     if args.config is not None:
-        specials = load_train_config(Path(args.config))["special_classes"]
-        background, neutral = specials["background"], specials["neutral"]
+        config = read_train_config(Path(args.config))
+        background, neutral = config.background, config.neutral
     count = write_masks(Path(args.project), Path(args.out), background, neutral)
     log.info(
         f"wrote {count} masks and class_title_to_idx.json to {args.out}", extra={"masks": count}

@@ -7,7 +7,6 @@ import difflib
 import functools
 import json
 import logging
-import math
 import re
 from importlib import resources
 from pathlib import Path
@@ -19,6 +18,7 @@ from jsonschema.validators import validator_for
 
 from plugin.errors import TaskError
 from plugin.jsonfile import read_json
+from plugin.settings import MATCH_ALL, InferenceConfig, TrainConfig
 
 TRAIN_SCHEMA = "train_config"
 INFERENCE_SCHEMA = "inference_config"
@@ -27,6 +27,11 @@ log = logging.getLogger(__name__)
 
 TRAIN_DEFAULTS: dict = {
     "input_size": {"width": 256, "height": 256},
+    # Native-resolution crops, as nnU-Net and the U-Net paper train: measured against resize in
+    # benchmarks/quality.py (README "Training recipes"); thin structures survive, and inference tiles
+    # at the same scale. One third of the crops centred on a foreground pixel, as nnU-Net.
+    "scale": {"mode": "crop", "factor": 1.0},
+    "foreground_oversampling": 0.33,
     "batch_size": {"train": 8, "val": 8},
     "dataset_tags": {"train": "train", "val": "val"},
     # The val loader runs a small fraction of the time, so one worker keeps it from stalling training.
@@ -67,24 +72,25 @@ TRAIN_DEFAULTS: dict = {
     "seed": 0,
 }
 
-_MATCH_ALL = "__all__"
 _DEFAULT_MODE = "full_image"
 _NO_SIDES = {"left": "0px", "top": "0px", "right": "0px", "bottom": "0px"}
 # Every mode gets the suffix: legacy gave it only to full_image, and the other modes then crashed on
 # predicted classes titled like the input classes.
 _MODE_COMMON_DEFAULTS: dict = {
-    "model_classes": {"save_classes": _MATCH_ALL, "add_suffix": "_unet"},
-    "model_tags": {"save_names": _MATCH_ALL, "add_suffix": "_unet"},
+    "model_classes": {"save_classes": MATCH_ALL, "add_suffix": "_unet"},
+    "model_tags": {"save_names": MATCH_ALL, "add_suffix": "_unet"},
     "save_probabilities": False,
     "tta": False,
 }
 _MODE_DEFAULTS: dict[str, dict] = {
     "full_image": {},
     "roi": {"bounds": _NO_SIDES, "save": False, "class_name": "inference_roi"},
-    "bboxes": {"from_classes": _MATCH_ALL, "padding": _NO_SIDES, "save": False, "add_suffix": "_input_bbox"},
+    "bboxes": {"from_classes": MATCH_ALL, "padding": _NO_SIDES, "save": False, "add_suffix": "_input_bbox"},
     "sliding_window": {
-        "window": {"width": 128, "height": 128},
-        # min_overlap: half the window on each axis the user leaves out, see _fill_min_overlap.
+        # null: the model's own training window (inference.modes.window_plan), not known here; each
+        # null min_overlap axis is half the window.
+        "window": {"width": None, "height": None},
+        "min_overlap": {"x": None, "y": None},
         "save": False,
         "class_name": "sliding_window",
         "batch_size": 8,
@@ -125,6 +131,16 @@ def load_train_config(path: Path) -> dict:
     return _coerce_integers(merged, _validator(TRAIN_SCHEMA).schema)
 
 
+def read_train_config(path: Path) -> TrainConfig:
+    """load_train_config, read into typed fields."""
+    return TrainConfig.from_dict(load_train_config(path))
+
+
+def read_inference_config(path: Path) -> InferenceConfig:
+    """load_inference_config, read into typed fields."""
+    return InferenceConfig.from_dict(load_inference_config(path))
+
+
 def load_inference_config(path: Path) -> dict:
     """The inference config of `path`, normalized, with its mode's defaults; TaskError(where=path) listing all problems.
 
@@ -141,7 +157,6 @@ def load_inference_config(path: Path) -> dict:
     else:
         name = _DEFAULT_MODE
     merged = merge_defaults(_inference_defaults(name), user)
-    _fill_min_overlap(merged["mode"])
     errors += schema_errors(merged, INFERENCE_SCHEMA) + _inference_semantic_errors(merged)
     _raise_if_any(sorted(errors), str(path))
     schema = _validator(INFERENCE_SCHEMA).schema
@@ -169,21 +184,6 @@ def _inference_defaults(mode_name: object) -> dict:
     own = _MODE_DEFAULTS.get(mode_name, {}) if isinstance(mode_name, str) else {}
     mode = merge_defaults({"name": mode_name, **_MODE_COMMON_DEFAULTS}, own)
     return {"model": copy.deepcopy(_MODEL_DEFAULTS), "mode": mode, "allow_corrupted_images": 0}
-
-
-def _fill_min_overlap(mode: object) -> None:
-    """In place: each sliding_window min_overlap axis the user left out becomes half the merged window
-    (as nnU-Net): with abutting windows the Gaussian blend has nothing to blend and seams show."""
-    if not isinstance(mode, dict) or mode.get("name") != "sliding_window":
-        return
-    overlap, window = mode.setdefault("min_overlap", {}), mode.get("window")
-    if not isinstance(overlap, dict):
-        return
-    for axis, size in (("x", "width"), ("y", "height")):
-        side = window.get(size) if isinstance(window, dict) else None
-        # An invalid side gets 0, so that the schema reports the one mistake once, at the window.
-        valid = _is_number(side) and math.isfinite(side) and side >= 1
-        overlap.setdefault(axis, int(side) // 2 if valid else 0)
 
 
 def _from_v1_layout(raw: dict, errors: list[str]) -> dict:
@@ -359,7 +359,8 @@ def _suggest(key: str, allowed: list[str]) -> str:
 
 def _coerce_integers(value: Any, schema: dict) -> Any:
     # Draft 7 accepts 3.0 as an integer; the code downstream needs a real int (range(), num_workers).
-    if schema.get("type") == "integer" and isinstance(value, float):
+    types = schema.get("type")
+    if (types == "integer" or isinstance(types, list) and "integer" in types) and isinstance(value, float):
         return int(value)
     if isinstance(value, dict):
         props = schema.get("properties", {})

@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-from plugin.config import TRAIN_DEFAULTS, load_train_config
+from plugin.config import TRAIN_DEFAULTS, load_train_config, read_train_config
 from plugin.errors import TaskError
 from plugin.format.classes import NEUTRAL_INDEX, build_mapping
 from plugin.format.images import read_image
 from plugin.format.project import find_project, list_items, read_meta
 from plugin.nn.preprocess import normalize, resize_image
 from plugin.task_dir import TaskDir
+from plugin.settings import parse_steps
 from plugin.training.augment import build_augmenter
 from plugin.training.data import CorruptionBudget, SegmentationDataset, make_loader, prepare_masks, split_items
 from plugin.training.preview import overlay, write_preview
@@ -46,7 +47,7 @@ def marked_square() -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.mark.parametrize("step", GEOMETRIC, ids=lambda s: s["name"])
 def test_geometric_steps_move_image_and_mask_together(step):
-    augment = build_augmenter([step])
+    augment = build_augmenter(parse_steps([step]))
     image, mask = marked_square()
     moved = False
     for seed in range(5):
@@ -62,7 +63,7 @@ def test_geometric_steps_move_image_and_mask_together(step):
 
 
 def test_pixels_from_outside_the_image_are_neutral():
-    augment = build_augmenter([{"name": "affine", "scale": [0.5, 0.5], "rotate": [45, 45], "p": 1.0}])
+    augment = build_augmenter(parse_steps([{"name": "affine", "scale": [0.5, 0.5], "rotate": [45, 45], "p": 1.0}]))
     image = np.full((64, 64, 3), 100, np.uint8)
     out_image, out_mask = augment(image, np.zeros((64, 64), np.uint8), 0)
     for corner in (out_mask[0, 0], out_mask[0, -1], out_mask[-1, 0], out_mask[-1, -1]):
@@ -79,9 +80,10 @@ def project(tmp_path_factory):
     return root
 
 
-def train_dataset(root, augmentations, seed: int = 0) -> SegmentationDataset:
-    (root / "task_config.json").write_text(json.dumps({**TINY_CONFIG, "augmentations": augmentations, "seed": seed}))
-    config = load_train_config(root / "task_config.json")
+def train_dataset(root, augmentations, seed: int = 0, scale: str = "crop") -> SegmentationDataset:
+    config = {**TINY_CONFIG, "augmentations": augmentations, "seed": seed, "scale": {"mode": scale, "factor": 1.0}}
+    (root / "task_config.json").write_text(json.dumps(config))
+    config = read_train_config(root / "task_config.json")
     project_dir = find_project(root / "data")
     meta = read_meta(project_dir)
     mapping = build_mapping(meta, "bg", "neutral")
@@ -91,7 +93,8 @@ def train_dataset(root, augmentations, seed: int = 0) -> SegmentationDataset:
 
 @pytest.mark.parametrize("off", [False, []], ids=["false", "empty_list"])
 def test_no_augmentation_gives_todays_samples_bit_for_bit(project, off):
-    dataset = train_dataset(project, off)
+    # Today's samples: whole images resized, the legacy scale rule.
+    dataset = train_dataset(project, off, scale="resize")
     assert dataset.augment is None
     meta = read_meta(find_project(project / "data"))
     _, masks = prepare_masks(
@@ -109,7 +112,7 @@ def test_the_default_pipeline_augments_the_training_split_only(project):
     dataset = train_dataset(project, copy.deepcopy(TRAIN_DEFAULTS["augmentations"]))
     assert dataset.augment is not None and len(dataset.augment.steps) == len(TRAIN_DEFAULTS["augmentations"])
     assert any(not np.array_equal(dataset.sample(i)[0], _plain(dataset, i)) for i in range(4))
-    config = load_train_config(project / "task_config.json")
+    config = read_train_config(project / "task_config.json")
     meta = read_meta(find_project(project / "data"))
     items = split_items(list_items(find_project(project / "data")), "train", "val")["val"]
     assert build_dataset("val", items, meta, build_mapping(meta, "bg", "neutral"), config).augment is None

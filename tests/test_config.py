@@ -60,7 +60,8 @@ def test_legacy_basic_config_is_valid(tmp_path):
 
 def test_legacy_full_config_is_valid_and_kept(tmp_path):
     # Only the keys legacy never had are added, with their defaults.
-    new_keys = {"sync_batchnorm": True, "cpu_processes": 1, "seed": 0, "augmentations": TRAIN_DEFAULTS["augmentations"]}
+    new_keys = {"sync_batchnorm": True, "cpu_processes": 1, "seed": 0, "augmentations": TRAIN_DEFAULTS["augmentations"],
+                "scale": {"mode": "crop", "factor": 1.0}, "foreground_oversampling": 0.33}
     # It sets lr_decreasing, so it keeps the legacy optimizer and LR rule.
     new_keys |= {"class_weights": None, "optimizer": {"name": "adam", "weight_decay": 0},
                  "lr_schedule": {"name": "plateau", "warmup_epochs": 0}}
@@ -113,6 +114,12 @@ def test_scalar_where_a_section_is_expected_is_a_schema_error(tmp_path):
     [
         ({"input_size": {"width": 250}}, "input_size.width: 250 is not a multiple of 16"),
         ({"input_size": {"height": 0}}, "input_size.height: 0 is less than the minimum of 16"),
+        ({"input_size": {"width": 4112}}, "input_size.width: 4112 is greater than the maximum of 4096"),
+        ({"scale": {"factor": 0}}, "scale.factor: 0 must be greater than 0"),
+        ({"scale": {"factor": -0.5}}, "scale.factor: -0.5 must be greater than 0"),
+        ({"scale": {"mode": "tile"}}, "scale.mode: 'tile' is not one of ['crop', 'resize']"),
+        ({"scale": "crop"}, "scale: 'crop' is not of type 'object'"),
+        ({"foreground_oversampling": 1.5}, "foreground_oversampling: 1.5 is greater than the maximum of 1"),
         ({"batch_size": {"train": 0}}, "batch_size.train: 0 is less than the minimum of 1"),
         ({"data_workers": {"val": -1}}, "data_workers.val: -1 is less than the minimum of 0"),
         ({"allow_corrupted_samples": {"train": 1.5}}, "allow_corrupted_samples.train: 1.5 is not of type 'integer'"),

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from plugin import agent_log
-from plugin.config import load_train_config
+from plugin.config import read_train_config
 from plugin.format.classes import build_mapping
 from plugin.format.project import find_project, list_items, read_meta
 from plugin.nn.model import build_model
@@ -27,7 +27,8 @@ from plugin.training.checkpoints import legacy_state_dict
 from plugin.training.data import split_items, val_shard
 from plugin.training.distributed import DUMP_WEIGHTS_ENV, RankFailed
 from plugin.training.schedule import build_optimizer, lr_schedule, set_lr
-from plugin.training.task import apply_initial_weights, build_dataset, loss_fn
+from plugin.training.loop import loss_fn
+from plugin.training.task import apply_initial_weights, build_dataset
 from tests.conftest import REPO, TINY_CONFIG, Run, make_task, run_entrypoint
 
 
@@ -163,7 +164,7 @@ def test_two_processes_compute_the_averaged_step_exactly(runs):
 
 
 def _two_rank_step_in_one_process(task: Path) -> dict[str, torch.Tensor]:
-    config = load_train_config(task / "task_config.json")
+    config = read_train_config(task / "task_config.json")
     project = find_project(task / "data")
     meta = read_meta(project)
     mapping = build_mapping(meta, "bg", "neutral")
@@ -172,8 +173,8 @@ def _two_rank_step_in_one_process(task: Path) -> dict[str, torch.Tensor]:
     apply_initial_weights(model, load_state_dict(task / "model" / WEIGHTS_NAME), "continue_training", task)
     optimizer = build_optimizer(model, config)
     compute_loss = loss_fn(config, mapping.num_classes)
-    batch = config["batch_size"]["train"]
-    order = [list(DistributedSampler(data, num_replicas=2, rank=r, shuffle=True, seed=config["seed"])) for r in (0, 1)]
+    batch = config.batch_size.train
+    order = [list(DistributedSampler(data, num_replicas=2, rank=r, shuffle=True, seed=config.seed)) for r in (0, 1)]
     steps = -(-len(order[0]) // batch)
     schedule = lr_schedule(config, steps)
     model.train()

@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from plugin.config import load_inference_config
+from plugin.config import read_inference_config
 from plugin.format.geometry import Polygon, Rectangle
 from plugin.format.project import Label
 from plugin.inference import modes
-from plugin.inference.predictor import Predictor, tta_flips
+from plugin.inference.predictor import Predictor
+from plugin.nn import tiling
 from plugin.nn.model import build_model
+from plugin.settings import tta_flips
 
 
 @pytest.fixture(scope="module")
@@ -61,19 +63,19 @@ def assert_probabilities(pred: modes.Prediction, shape: tuple[int, int]) -> None
 
 def test_window_starts_match_the_legacy_example():
     # agent-protocol.md: 300x500 image, window 128, overlap 10 -> tops 0, 118, 172; lefts 0, 118, 236, 354, 372.
-    assert modes.window_starts(300, 128, 118) == [0, 118, 172]
-    assert modes.window_starts(500, 128, 118) == [0, 118, 236, 354, 372]
-    assert modes.window_starts(128, 128, 118) == [0]
-    assert modes.window_starts(100, 128, 118) == [0]  # smaller than the window: padded, one window
-    assert modes.window_starts(236 + 128, 128, 118) == [0, 118, 236]  # exact fit: no extra window
+    assert tiling.window_starts(300, 128, 118) == [0, 118, 172]
+    assert tiling.window_starts(500, 128, 118) == [0, 118, 236, 354, 372]
+    assert tiling.window_starts(128, 128, 118) == [0]
+    assert tiling.window_starts(100, 128, 118) == [0]  # smaller than the window: padded, one window
+    assert tiling.window_starts(236 + 128, 128, 118) == [0, 118, 236]  # exact fit: no extra window
 
 
 def test_window_weights_fall_toward_the_borders():
-    weights = modes.window_weights(9, 7)
+    weights = tiling.window_weights(9, 7)
     assert weights.shape == (9, 7)
     assert weights[4, 3] == pytest.approx(1.0)
     assert weights[0, 0] < weights[2, 2] < weights[4, 3]
-    assert weights.min() >= modes.WINDOW_WEIGHT_FLOOR
+    assert weights.min() >= tiling.WINDOW_WEIGHT_FLOOR
 
 
 def test_full_image_probabilities(predictor):
@@ -164,7 +166,8 @@ def test_boxes_outside_the_image_are_skipped(predictor):
 def test_the_default_overlap_leaves_no_seam(confident_predictor, tmp_path):
     path = tmp_path / "task_config.json"
     path.write_text(json.dumps({"mode": {"name": "sliding_window", "window": {"width": 64, "height": 48}}}))
-    default = load_inference_config(path)["mode"]["min_overlap"]
+    mode = read_inference_config(path).mode
+    _window, default = modes.window_plan(confident_predictor, mode.window, mode.min_overlap)
     image = smooth(48, 192)
     seams = [63, 127]  # abutting 64-px windows meet between columns 63|64 and 127|128
     # Away from the image's own borders, where the model's padding shows whatever the tiling.
@@ -174,7 +177,7 @@ def test_the_default_overlap_leaves_no_seam(confident_predictor, tmp_path):
         probs = modes.sliding_window(confident_predictor, image, (64, 48), overlap, batch_size=4).probs
         return np.abs(np.diff(probs, axis=2)).mean(axis=(0, 1))  # [c]: between columns c and c + 1
 
-    blended = jumps((default["x"], default["y"]))
+    blended = jumps(default)
     assert blended[seams].max() <= blended[elsewhere].max()
     abutting = jumps((0, 0))
     assert np.argmax(abutting[8 : 192 - 9]) + 8 in seams

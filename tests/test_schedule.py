@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -9,7 +10,8 @@ import math
 import pytest
 import torch
 
-from plugin.config import load_train_config
+from plugin.config import read_train_config
+from plugin.settings import TrainConfig
 from plugin.training.schedule import EvalPlanner, LrPolicy, LrSchedule, build_optimizer, lr_schedule, plateau_policy
 
 
@@ -20,10 +22,10 @@ def planned_epochs(val_every: float, iters: int, epochs: int) -> list[float]:
     ]
 
 
-def load(tmp_path, user: dict) -> dict:
+def load(tmp_path, user: dict) -> TrainConfig:
     path = tmp_path / "task_config.json"
     path.write_text(json.dumps(user))
-    return load_train_config(path)
+    return read_train_config(path)
 
 
 def test_planner_matches_the_legacy_example():
@@ -85,15 +87,15 @@ def test_schedule_from_config_counts_iterations(tmp_path):
     schedule = lr_schedule(config, iters_per_epoch=6)
     assert schedule == LrSchedule("cosine", 0.01, total_steps=24, warmup_steps=3)
     # A warmup longer than the run is the whole run, not an error.
-    long = dict(config, lr_schedule={"name": "poly", "warmup_epochs": 10})
+    long = dataclasses.replace(config, lr_schedule="poly", warmup_epochs=10)
     assert lr_schedule(long, iters_per_epoch=6).warmup_steps == 24
     assert plateau_policy(config) is None
 
 
 def test_defaults_are_adamw_with_decay_and_poly_with_warmup(tmp_path):
     config = load(tmp_path, {})
-    assert config["optimizer"] == {"name": "adamw", "weight_decay": 0.01}
-    assert config["lr_schedule"] == {"name": "poly", "warmup_epochs": 0.5}
+    assert (config.optimizer, config.weight_decay) == ("adamw", 0.01)
+    assert (config.lr_schedule, config.warmup_epochs) == ("poly", 0.5)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
     optimizer = build_optimizer(model, config)
     assert type(optimizer) is torch.optim.AdamW
@@ -106,8 +108,8 @@ def test_defaults_are_adamw_with_decay_and_poly_with_warmup(tmp_path):
 def test_a_legacy_config_with_lr_decreasing_keeps_the_plateau_rule_and_adam(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="plugin.config"):
         config = load(tmp_path, {"lr_decreasing": {"patience": 1000, "lr_divisor": 5}})
-    assert config["lr_schedule"] == {"name": "plateau", "warmup_epochs": 0}
-    assert config["optimizer"] == {"name": "adam", "weight_decay": 0}
+    assert (config.lr_schedule, config.warmup_epochs) == ("plateau", 0)
+    assert (config.optimizer, config.weight_decay) == ("adam", 0)
     assert [r.getMessage() for r in caplog.records if "legacy rule" in r.getMessage()]
     policy = plateau_policy(config)
     assert (policy.patience, policy.divisor) == (1000, 5)
@@ -118,10 +120,10 @@ def test_explicit_keys_win_over_the_legacy_rule(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="plugin.config"):
         chosen = load(tmp_path, {"lr_decreasing": {"patience": 2, "lr_divisor": 5},
                                  "lr_schedule": {"name": "cosine", "warmup_epochs": 1}})
-    assert chosen["lr_schedule"] == {"name": "cosine", "warmup_epochs": 1}
-    assert chosen["optimizer"] == {"name": "adamw", "weight_decay": 0.01}
+    assert (chosen.lr_schedule, chosen.warmup_epochs) == ("cosine", 1)
+    assert (chosen.optimizer, chosen.weight_decay) == ("adamw", 0.01)
     assert not [r for r in caplog.records if "legacy rule" in r.getMessage()]
     own_optimizer = load(tmp_path, {"lr_decreasing": {"patience": 2, "lr_divisor": 5},
                                     "optimizer": {"name": "adamw", "weight_decay": 0.001}})
-    assert own_optimizer["lr_schedule"]["name"] == "plateau"
-    assert own_optimizer["optimizer"] == {"name": "adamw", "weight_decay": 0.001}
+    assert own_optimizer.lr_schedule == "plateau"
+    assert (own_optimizer.optimizer, own_optimizer.weight_decay) == ("adamw", 0.001)

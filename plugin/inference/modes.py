@@ -8,27 +8,22 @@ Regions that overlap are merged by probability (weighted averages), never by dra
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import cv2
 import numpy as np
-import torch
 
 from plugin.config import parse_side
+from plugin.errors import TaskError
 from plugin.format.geometry import Rectangle, bounding_box
 from plugin.format.project import Label
 from plugin.inference.predictor import Predictor
+from plugin.nn.tiling import predict_tiled
 
 log = logging.getLogger(__name__)
 
-# Windows are blended with Gaussian weights of this sigma (a fraction of the window side) so that
-# predictions near a window's border, which see less context, count less. nnU-Net's 1/8: with 1/4 a
-# window's border still weighs 0.14 of a centre, and with half-window overlap its seam stays visible.
-# The floor keeps pixels that only one window's border covers (at the image border) defined.
-WINDOW_SIGMA = 1 / 8
-WINDOW_WEIGHT_FLOOR = 1e-3
+# The sliding window of a model without a crop record (legacy, or trained on resized images).
+LEGACY_WINDOW = (128, 128)
 
 
 @dataclass
@@ -47,8 +42,9 @@ class Prediction:
 
 
 def full_image(predictor: Predictor, image: np.ndarray) -> Prediction:
-    """The whole image resized to the model's input size, probabilities resized back (bilinear)."""
-    probs = predictor.probabilities([image])[0].cpu().numpy()
+    """The whole image at the training scale (Predictor.region): resized to the input size and the
+    probabilities resized back, or tiled with the training window for a crop-trained model."""
+    probs = predictor.region(image).cpu().numpy()
     height, width = image.shape[:2]
     return Prediction(probs, None, [Rectangle(0, 0, width - 1, height - 1)])
 
@@ -100,7 +96,7 @@ def _merge_boxes(
             log.warning(f"a box {box} lies outside the {width}x{height} image and is skipped")
             continue
         crop = image[top : bottom + 1, left : right + 1]
-        probs[:, top : bottom + 1, left : right + 1] += predictor.probabilities([crop])[0].cpu().numpy()
+        probs[:, top : bottom + 1, left : right + 1] += predictor.region(crop).cpu().numpy()
         counts[top : bottom + 1, left : right + 1] += 1
         kept_boxes.append(Rectangle(left, top, right, bottom))
         kept.append(i)
@@ -109,21 +105,36 @@ def _merge_boxes(
     return Prediction(probs, covered, kept_boxes), kept
 
 
-def window_starts(length: int, window: int, stride: int) -> list[int]:
-    """Legacy window positions along one axis: k * stride, the last one flush with the far border."""
-    if length <= window:
-        return [0]
-    return [min(k * stride, length - window) for k in range(math.ceil((length - window) / stride) + 1)]
+def window_plan(
+    predictor: Predictor, window: tuple[int | None, int | None], min_overlap: tuple[int | None, int | None]
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """sliding_window's (width, height) and min_overlap (x, y) in image pixels, from the config's mode.
 
-
-def window_weights(height: int, width: int) -> np.ndarray:
-    """float32 (h, w) Gaussian weights peaking at the window's centre, floored above zero."""
-    def axis(n: int) -> np.ndarray:
-        x = np.arange(n, dtype=np.float64) - (n - 1) / 2
-        return np.exp(-0.5 * (x / max(n * WINDOW_SIGMA, 1e-6)) ** 2)
-
-    weights = np.outer(axis(height), axis(width))
-    return np.maximum(weights / weights.max(), WINDOW_WEIGHT_FLOOR).astype(np.float32)
+    A window side left out (None) is that of the training window of a crop-trained model (its input
+    size at its training scale), else the legacy 128. An overlap axis left out is half the window.
+    A window that shows a crop-trained model the image at another scale than its training one gets a
+    warning naming both.
+    """
+    default = predictor.window if predictor.scale.crops else LEGACY_WINDOW
+    size = (window[0] or default[0], window[1] or default[1])
+    overlap = tuple(side // 2 if lap is None else lap for side, lap in zip(size, min_overlap))
+    for axis, side, lap in (("x", size[0], overlap[0]), ("y", size[1], overlap[1])):
+        if lap >= side:
+            raise TaskError(
+                f"{lap} must be less than the window's side ({side}), or the stride (window - min_overlap) "
+                "would be below 1",
+                where=f"mode.min_overlap.{axis}",
+            )
+    if predictor.scale.crops and size != predictor.window:
+        in_w, in_h = predictor.input_size
+        log.warning(
+            f"mode.window {size[0]}x{size[1]} is resized to the model's {in_w}x{in_h} input, which shows it the "
+            f"image at scale {in_w / size[0]:.3g}x{in_h / size[1]:.3g}, but it was trained at scale "
+            f"{predictor.scale.factor:g}; leave mode.window out to use the training window "
+            f"{predictor.window[0]}x{predictor.window[1]}",
+            extra={"window": list(size), "training_window": list(predictor.window)},
+        )
+    return size, overlap
 
 
 def sliding_window(
@@ -136,56 +147,16 @@ def sliding_window(
     """Tile the image with (width, height) windows overlapping by at least min_overlap (x, y), predict
     the tiles in batches and blend them with Gaussian weights, so that no seams show.
 
-    An image smaller than a window is padded (mirrored) to the window's size first. The accumulators
-    stay on the model's device when they fit in a quarter of its free memory, else on the CPU.
+    An image smaller than a window is padded to the window's size first (nn.tiling.predict_tiled).
     """
     win_w, win_h = window
     height, width = image.shape[:2]
-    padded = _pad_to(image, win_h, win_w)
-    pad_h, pad_w = padded.shape[:2]
-    tops = window_starts(pad_h, win_h, win_h - min_overlap[1])
-    lefts = window_starts(pad_w, win_w, win_w - min_overlap[0])
-
-    device = _accumulator_device(predictor, pad_h * pad_w * (predictor.num_classes + 1) * 4)
-    acc = torch.zeros((predictor.num_classes, pad_h, pad_w), dtype=torch.float32, device=device)
-    weight_sum = torch.zeros((pad_h, pad_w), dtype=torch.float32, device=device)
-    weights = torch.from_numpy(window_weights(win_h, win_w)).to(device)
-    positions = [(top, left) for top in tops for left in lefts]
-    for batch in _batches(positions, batch_size):
-        tiles = [padded[top : top + win_h, left : left + win_w] for top, left in batch]
-        probs = predictor.probabilities(tiles).to(device)
-        for (top, left), tile_probs in zip(batch, probs):
-            acc[:, top : top + win_h, left : left + win_w] += tile_probs * weights
-            weight_sum[top : top + win_h, left : left + win_w] += weights
-    acc /= weight_sum
+    probs, positions = predict_tiled(
+        predictor.probabilities, image, window, min_overlap, batch_size, predictor.num_classes, predictor.device
+    )
     boxes = [
         Rectangle(left, top, min(left + win_w, width) - 1, min(top + win_h, height) - 1)
         for top, left in positions
         if top < height and left < width
     ]
-    return Prediction(acc[:, :height, :width].cpu().numpy(), None, boxes)
-
-
-def _pad_to(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    pad_bottom, pad_right = max(0, height - image.shape[0]), max(0, width - image.shape[1])
-    if not pad_bottom and not pad_right:
-        return image
-    return cv2.copyMakeBorder(image, 0, pad_bottom, 0, pad_right, cv2.BORDER_REFLECT_101)
-
-
-def _accumulator_device(predictor: Predictor, nbytes: int) -> torch.device:
-    if predictor.device.type != "cuda":
-        return predictor.device
-    free, _total = torch.cuda.mem_get_info(predictor.device)
-    if nbytes <= free // 4:
-        return predictor.device
-    log.info(
-        f"the sliding-window accumulators ({nbytes / 2**20:.0f} MiB) go to the CPU: the GPU has "
-        f"{free / 2**20:.0f} MiB free",
-    )
-    return torch.device("cpu")
-
-
-def _batches(items: list, size: int) -> Iterator[list]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+    return Prediction(probs.cpu().numpy(), None, boxes)

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from plugin.errors import TaskError
@@ -17,25 +16,19 @@ from plugin.format.classes import titles_by_index
 from plugin.jsonfile import read_json
 from plugin.nn.devices import plan_devices
 from plugin.nn.model import build_model
-from plugin.nn.preprocess import normalize, resize_image
+from plugin.settings import RESIZE, Scale
+from plugin.nn.tiling import crop_probabilities, predict_tiled, training_window
 from plugin.nn.weights import CONFIG_NAME, WEIGHTS_NAME, load_continue, load_state_dict
 
 log = logging.getLogger(__name__)
 
-# Test-time augmentation flips by config name -> the (N, C, H, W) dims they reverse.
-FLIPS: dict[str, tuple[int, ...]] = {"horizontal": (3,), "vertical": (2,), "both": (2, 3)}
-
-
-def tta_flips(setting: bool | Sequence[str]) -> tuple[str, ...]:
-    """The flips of a config's mode.tta: true is every flip (nnU-Net's mirroring), false none."""
-    if isinstance(setting, bool):
-        return tuple(FLIPS) if setting else ()
-    return tuple(setting)
+# Windows per forward when a crop-trained model tiles a whole image or box (full_image, roi, bboxes).
+REGION_BATCH = 4
 
 
 @dataclass
 class Predictor:
-    """The model in eval mode on its device, with what its checkpoint says about classes and input size."""
+    """The model in eval mode on its device, with what its checkpoint says about classes, input size and scale."""
 
     model: nn.Module
     device: torch.device
@@ -43,34 +36,35 @@ class Predictor:
     class_titles: list[str]  # by model index
     out_classes: list[dict]  # {"title", "shape", "color", ...} as config.json lists them
     tta: tuple[str, ...] = ()  # FLIPS names whose flipped-back predictions are averaged in; () = one pass
+    scale: Scale = RESIZE  # how training presented images; legacy checkpoints: resize
 
     @property
     def num_classes(self) -> int:
         return len(self.class_titles)
 
+    @property
+    def window(self) -> tuple[int, int]:
+        """(width, height) in image pixels of one network input at the training scale (crop models)."""
+        return training_window(self.input_size, self.scale.factor)
+
     def color_of(self, title: str) -> str:
         return next((c["color"] for c in self.out_classes if c.get("title") == title), "#FF0000")
 
-    def probabilities(self, crops: Sequence[np.ndarray], size: tuple[int, int] | None = None) -> torch.Tensor:
-        """Softmax probabilities (N, C, h, w) of RGB uint8 crops, on the model's device.
-
-        Each crop is resized to the input size as in training; the output is resized back (bilinear,
-        which keeps probabilities in [0, 1] and summing to 1) to `size` = (height, width), by default
-        the size of the first crop, so all crops of one call must share their size. With `tta`, the mean
-        over the plain pass and each flip (flipped back) is returned, so every mode gets the same TTA.
-        """
-        width, height = self.input_size
-        batch = torch.stack([normalize(resize_image(crop, width, height)) for crop in crops]).to(self.device)
+    def probabilities(self, crops: Sequence[np.ndarray]) -> torch.Tensor:
+        """Softmax probabilities (N, C, h, w) of same-sized RGB uint8 crops, each resized to the input
+        size and back, on the model's device; with `tta`, averaged over the flips."""
         with torch.inference_mode():
-            probs = torch.softmax(self.model(batch).float(), dim=1)
-            # One pass per flip rather than one 4x batch: sliding_window's batch_size bounds the memory.
-            for name in self.tta:
-                dims = FLIPS[name]
-                probs += torch.softmax(self.model(batch.flip(dims)).float(), dim=1).flip(dims)
-            probs /= 1 + len(self.tta)
-            out_size = size if size is not None else crops[0].shape[:2]
-            if tuple(out_size) != (height, width):
-                probs = F.interpolate(probs, size=tuple(out_size), mode="bilinear", align_corners=False)
+            return crop_probabilities(self.model, crops, self.input_size, self.device, self.tta)
+
+    def region(self, image: np.ndarray) -> torch.Tensor:
+        """Probabilities (C, H, W) of a whole image or box, presented at the training scale: resized
+        whole for a resize-trained (or legacy) model, tiled with the training window for a crop-trained one."""
+        if not self.scale.crops:
+            return self.probabilities([image])[0]
+        win_w, win_h = self.window
+        probs, _ = predict_tiled(
+            self.probabilities, image, self.window, (win_w // 2, win_h // 2), REGION_BATCH, self.num_classes, self.device
+        )
         return probs
 
 
@@ -93,6 +87,7 @@ def load_predictor(model_dir: Path, gpu_device: int, tta: tuple[str, ...] = ()) 
     except (KeyError, TypeError, ValueError):
         raise TaskError("settings.input_size {width, height} is missing", where=config_path) from None
 
+    scale = read_scale(config, config_path)
     num_classes = max(mapping.values()) + 1
     state = load_state_dict(weights_path)
     head = next((t for k, t in state.items() if k.endswith("last_conv.weight")), None)
@@ -109,7 +104,22 @@ def load_predictor(model_dir: Path, gpu_device: int, tta: tuple[str, ...] = ()) 
 
     titles = titles_by_index(mapping)
     log.info(
-        f"model loaded: {num_classes} classes ({', '.join(titles)}), input {input_size[0]}x{input_size[1]}",
-        extra={"classes": titles},
+        f"model loaded: {num_classes} classes ({', '.join(titles)}), input {input_size[0]}x{input_size[1]}, "
+        f"trained on {scale.describe()}",
+        extra={"classes": titles, "scale": {"mode": scale.mode, "factor": scale.factor}},
     )
-    return Predictor(model, device, input_size, titles, list(config.get("out_classes") or []), tta)
+    return Predictor(model, device, input_size, titles, list(config.get("out_classes") or []), tta, scale)
+
+
+def read_scale(config: dict, where: Path) -> Scale:
+    """settings.scale of a checkpoint's config.json; a checkpoint without one (legacy) was trained on resized images."""
+    record = config["settings"].get("scale")
+    if record is None:
+        return RESIZE
+    try:
+        scale = Scale(str(record["mode"]), float(record["factor"]))
+    except (KeyError, TypeError, ValueError):
+        raise TaskError("settings.scale must be {\"mode\": \"resize\" or \"crop\", \"factor\": number}", where=where) from None
+    if scale.mode not in ("resize", "crop") or not scale.factor > 0:
+        raise TaskError(f"settings.scale {record!r}: mode must be resize or crop and factor above 0", where=where)
+    return scale

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from plugin import agent_log
-from plugin.config import load_inference_config
+from plugin.config import read_inference_config
 from plugin.errors import TaskError
 from plugin.format.classes import BACKGROUND_COLOR
 from plugin.format.geometry import Bitmap, Rectangle, bitmap_to_json
@@ -33,8 +33,9 @@ from plugin.format.project import (
     read_meta,
 )
 from plugin.inference import modes
-from plugin.inference.predictor import Predictor, load_predictor, tta_flips
+from plugin.inference.predictor import Predictor, load_predictor
 from plugin.jsonfile import read_json, write_json
+from plugin.settings import MATCH_ALL, Mode
 from plugin.task_dir import TaskDir
 
 log = logging.getLogger(__name__)
@@ -62,9 +63,13 @@ class InferSummary:
 def infer_task(task: TaskDir) -> InferSummary:
     """Run the whole inference task of a task dir; raises TaskError on bad input."""
     agent_log.add_log_file(task.tmp_dir / "inference_log.jsonl")
-    config = load_inference_config(task.config_path)
-    mode = config["mode"]
-    predictor = load_predictor(task.model_dir, config["model"]["gpu_device"], tta_flips(mode["tta"]))
+    config = read_inference_config(task.config_path)
+    mode = config.mode
+    predictor = load_predictor(task.model_dir, config.gpu_device, mode.tta)
+    if mode.name == "sliding_window":
+        # Resolved once, so that a window at the wrong scale is warned about once, not per image.
+        window, overlap = modes.window_plan(predictor, mode.window, mode.min_overlap)
+        mode = replace(mode, window=window, min_overlap=overlap)
     project_dir = find_project(task.data_dir)
     meta = read_meta(project_dir)
     plan = plan_output(mode, predictor, meta)
@@ -73,7 +78,7 @@ def infer_task(task: TaskDir) -> InferSummary:
     staging = task.tmp_dir / f"{project_dir.name}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     write_json(staging / "meta.json", {**meta.raw, "classes": list(meta.raw.get("classes", [])) + plan.new_classes})
-    allowed, skipped, objects = config["allow_corrupted_images"], 0, 0
+    allowed, skipped, objects = config.allow_corrupted_images, 0, 0
     progress = agent_log.Progress("Model applying: ", len(items))
     for item in items:
         try:
@@ -97,11 +102,10 @@ def infer_task(task: TaskDir) -> InferSummary:
     return InferSummary(output, len(items) - skipped, skipped, objects)
 
 
-def plan_output(mode: dict, predictor: Predictor, meta: ProjectMeta) -> OutputPlan:
+def plan_output(mode: Mode, predictor: Predictor, meta: ProjectMeta) -> OutputPlan:
     """Output class titles and meta entries; errors for unknown classes and for title clashes."""
-    save = mode["model_classes"]["save_classes"]
-    suffix = mode["model_classes"]["add_suffix"]
-    if save != "__all__":
+    save, suffix = mode.save_classes, mode.class_suffix
+    if save != MATCH_ALL:
         unknown = [t for t in save if t not in predictor.class_titles]
         if unknown:
             raise TaskError(
@@ -113,21 +117,21 @@ def plan_output(mode: dict, predictor: Predictor, meta: ProjectMeta) -> OutputPl
     titles = {
         idx: f"{title}{suffix}"
         for idx, title in enumerate(predictor.class_titles)
-        if idx != 0 and (save == "__all__" or title in save)
+        if idx != 0 and (save == MATCH_ALL or title in save)
     }
     new_classes = [_meta_class(out, "bitmap", predictor.color_of(predictor.class_titles[idx])) for idx, out in titles.items()]
     plan = OutputPlan(titles, new_classes)
-    if mode["name"] == "bboxes":
+    if mode.name == "bboxes":
         sources = _bbox_sources(mode, meta)
         plan = replace(plan, bbox_sources=frozenset(sources))
-        if mode["save"]:
-            plan = replace(plan, box_suffix=mode["add_suffix"])
+        if mode.save:
+            plan = replace(plan, box_suffix=mode.box_suffix)
             new_classes += [
-                _meta_class(f"{t}{mode['add_suffix']}", "rectangle", meta.class_by_title(t).color) for t in sources
+                _meta_class(f"{t}{mode.box_suffix}", "rectangle", meta.class_by_title(t).color) for t in sources
             ]
-    elif mode.get("save"):
-        plan = replace(plan, box_class=mode["class_name"])
-        new_classes.append(_meta_class(mode["class_name"], "rectangle", BACKGROUND_COLOR))
+    elif mode.save:
+        plan = replace(plan, box_class=mode.class_name)
+        new_classes.append(_meta_class(mode.class_name, "rectangle", BACKGROUND_COLOR))
 
     existing = {c.title for c in meta.classes}
     seen: set[str] = set()
@@ -146,9 +150,9 @@ def _meta_class(title: str, shape: str, color: str) -> dict:
     return {"title": title, "shape": shape, "color": color, "geometry_config": {}}
 
 
-def _bbox_sources(mode: dict, meta: ProjectMeta) -> list[str]:
-    wanted = mode["from_classes"]
-    if wanted == "__all__":
+def _bbox_sources(mode: Mode, meta: ProjectMeta) -> list[str]:
+    wanted = mode.from_classes
+    if wanted == MATCH_ALL:
         return [c.title for c in meta.classes]
     unknown = [t for t in wanted if meta.class_by_title(t) is None]
     if unknown:
@@ -158,21 +162,19 @@ def _bbox_sources(mode: dict, meta: ProjectMeta) -> list[str]:
     return list(wanted)
 
 
-def predict(mode: dict, predictor: Predictor, image: np.ndarray, labels: list) -> modes.Prediction:
-    name = mode["name"]
-    if name == "full_image":
+def predict(mode: Mode, predictor: Predictor, image: np.ndarray, labels: list) -> modes.Prediction:
+    """The mode's prediction for one image; a sliding_window mode has its window resolved (window_plan)."""
+    if mode.name == "full_image":
         return modes.full_image(predictor, image)
-    if name == "roi":
-        return modes.roi(predictor, image, mode["bounds"])
-    if name == "bboxes":
-        return modes.bboxes(predictor, image, labels, mode["padding"])
-    window = (mode["window"]["width"], mode["window"]["height"])
-    overlap = (mode["min_overlap"]["x"], mode["min_overlap"]["y"])
-    return modes.sliding_window(predictor, image, window, overlap, mode["batch_size"])
+    if mode.name == "roi":
+        return modes.roi(predictor, image, mode.bounds)
+    if mode.name == "bboxes":
+        return modes.bboxes(predictor, image, labels, mode.padding)
+    return modes.sliding_window(predictor, image, mode.window, mode.min_overlap, mode.batch_size)
 
 
 def apply_to_item(
-    item: Item, image: np.ndarray, predictor: Predictor, mode: dict, meta: ProjectMeta, plan: OutputPlan, out_dir: Path
+    item: Item, image: np.ndarray, predictor: Predictor, mode: Mode, meta: ProjectMeta, plan: OutputPlan, out_dir: Path
 ) -> int:
     """Predict one image, write its annotation (original objects + predictions) and link the image."""
     doc = read_json(item.ann_path)
@@ -183,7 +185,7 @@ def apply_to_item(
 
     new_objects = [*_box_objects(plan, prediction), *_class_objects(prediction, plan)]
     out_doc = {**doc, "objects": list(doc.get("objects", [])) + new_objects}
-    if mode["save_probabilities"]:
+    if mode.save_probabilities:
         out_doc["customBigData"] = {**(doc.get("customBigData") or {}), **_probabilities(prediction, plan, predictor)}
     write_json(out_dir / item.dataset / "ann" / f"{item.name}.json", out_doc)
     link_or_copy(item.image_path, out_dir / item.dataset / "img" / item.name)

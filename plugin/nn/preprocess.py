@@ -8,10 +8,14 @@ import torch
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+# Padding added to crops and windows: the mean colour, which normalises to about zero (uint8 RGB).
+PAD_COLOR = tuple(round(float(c) * 255) for c in IMAGENET_MEAN)
 
 
 def resize_image(image: np.ndarray, width: int, height: int) -> np.ndarray:
     """Resize an RGB image the same way in training and inference: area when shrinking, bilinear when growing."""
+    if image.shape[:2] == (height, width):
+        return image
     shrinking = width * height < image.shape[0] * image.shape[1]
     return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
 

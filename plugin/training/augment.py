@@ -13,20 +13,11 @@ from typing import Any
 import numpy as np
 
 from plugin.format.classes import NEUTRAL_INDEX
+from plugin.settings import Step
 
 STEP_NAMES = (
     "hflip", "vflip", "rotate90", "affine", "elastic", "brightness_contrast", "gamma", "blur", "noise"
 )
-
-
-@dataclass(frozen=True)
-class Step:
-    name: str
-    p: float
-    params: tuple[tuple[str, Any], ...]  # the step's other keys, sorted; ranges as (low, high)
-
-    def param(self, key: str) -> Any:
-        return dict(self.params)[key]
 
 
 @dataclass(frozen=True)
@@ -49,21 +40,8 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
 
 
-def parse_steps(value: bool | list[dict]) -> tuple[Step, ...]:
-    """The steps of a validated config value; false and [] are no steps."""
-    if value is False:
-        return ()
-    return tuple(Step(raw["name"], float(raw["p"]), _params(raw)) for raw in value)
-
-
-def _params(raw: dict) -> tuple[tuple[str, Any], ...]:
-    others = {key: value for key, value in raw.items() if key not in ("name", "p")}
-    return tuple(sorted((key, tuple(value) if isinstance(value, list) else value) for key, value in others.items()))
-
-
-def build_augmenter(value: bool | list[dict]) -> Augmenter | None:
-    """The augmenter of a validated "augmentations" value, or None when it has no steps."""
-    steps = parse_steps(value)
+def build_augmenter(steps: tuple[Step, ...]) -> Augmenter | None:
+    """The augmenter of the config's steps, or None when there are none."""
     if not steps:
         return None
     # Imported here: config validation and the other subcommands do not need albumentations.

@@ -1,8 +1,8 @@
 """Samples for training: split a project by tags, cache the class masks, load and normalise images.
 
-Masks are rasterized once, in the main process, at the input size, and kept as a small uint8 array
-per image: the legacy trainer redrew every annotation in every epoch, which cost more than the
-forward pass at small input sizes. Images are decoded per sample, so memory stays bounded by the
+Masks are rasterized once, in the main process, at the size training uses (the input size, or the
+image at the crop scale), and kept as a uint8 array per image: the legacy trainer redrew every
+annotation in every epoch, which cost more than the forward pass at small input sizes. Images are decoded per sample, so memory stays bounded by the
 masks alone.
 """
 
@@ -24,11 +24,15 @@ from plugin.format.classes import NEUTRAL_INDEX, ClassMapping
 from plugin.format.images import read_image, read_image_size
 from plugin.format.masks import rasterize
 from plugin.format.project import Item, ProjectMeta, check_image_size, read_annotation, read_image_tags
-from plugin.nn.preprocess import normalize, resize_image, resize_mask
+from plugin.nn.preprocess import PAD_COLOR, normalize, resize_image, resize_mask
+from plugin.settings import RESIZE, Scale
 from plugin.training.augment import Augmenter, sample_seed
+from plugin.training.crops import crop_origin, cut, foreground_pixels
 
 log = logging.getLogger(__name__)
 
+# Second random stream of a sample's seed: the crop's draws, apart from the augmentation's.
+CROP_STREAM = 1
 
 
 def split_items(items: Sequence[Item], train_tag: str, val_tag: str) -> dict[str, list[Item]]:
@@ -91,24 +95,30 @@ def prepare_masks(
     items: Sequence[Item],
     meta: ProjectMeta,
     mapping: ClassMapping,
-    input_size: tuple[int, int],
+    size: tuple[int, int] | float,
     budget: CorruptionBudget,
     on_item: Callable[[], None] | None = None,
 ) -> tuple[list[Item], list[np.ndarray]]:
-    """Rasterize every item's annotation once, resized to input_size (width, height).
+    """Rasterize every item's annotation once: resized to `size` (width, height), or, for a number,
+    to the image's own size times that factor (1.0: native resolution).
 
     Checks each annotation against its image's oriented size (EXIF applied, as decoding does), so
     that a size mismatch or an unreadable image is found before training starts. Corrupted items
     are dropped within the budget.
     """
-    width, height = input_size
     kept: list[Item] = []
     masks: list[np.ndarray] = []
     for item in items:
         try:
             ann = read_annotation(item.ann_path, meta)
-            check_image_size(item, ann, *read_image_size(item.image_path))
-            mask = resize_mask(rasterize(ann, mapping), width, height)
+            height, width = read_image_size(item.image_path)
+            check_image_size(item, ann, height, width)
+            labels = rasterize(ann, mapping)
+            if isinstance(size, tuple):
+                target = size
+            else:
+                target = max(1, round(width * size)), max(1, round(height * size))
+            mask = labels if target == (width, height) else resize_mask(labels, *target)
         except TaskError as exc:
             budget.spend(exc.where or item.ann_path, exc)
         else:
@@ -122,9 +132,12 @@ def prepare_masks(
 class SegmentationDataset(Dataset):
     """(image float32 (3, H, W), target int64 (H, W)) pairs at the input size, targets from the mask cache.
 
-    An index from len(self) on is padding (see val_shard): a zero image whose target is all neutral,
-    so it counts in no loss and no metric. With an augmenter, sample i of epoch e is augmented with
-    the seed sample_seed(seed, e, i), whichever worker loads it.
+    With a resize scale (the legacy rule) a sample is the whole image resized; with a crop scale, a
+    random input-size crop of the image scaled like its cached mask, `foreground` of them centred
+    on a pixel of a class other than background, padded pixels neutral. An index from len(self) on
+    is padding (see val_shard): a zero image whose target is all neutral, so it counts in no loss
+    and no metric. Sample i of epoch e draws its crop and augmentation from the seed
+    sample_seed(seed, e, i), whichever worker loads it.
     """
 
     def __init__(
@@ -135,6 +148,8 @@ class SegmentationDataset(Dataset):
         budget: CorruptionBudget,
         augment: Augmenter | None = None,
         seed: int = 0,
+        scale: Scale = RESIZE,
+        foreground: float = 0.0,
     ) -> None:
         self.items = list(items)
         self.masks = list(masks)
@@ -142,6 +157,10 @@ class SegmentationDataset(Dataset):
         self.budget = budget
         self.augment = augment
         self.seed = seed
+        self.scale = scale
+        self.foreground = foreground
+        rng = np.random.default_rng(seed)
+        self.foreground_pixels = [foreground_pixels(m, rng) for m in self.masks] if scale.crops and foreground else []
         # Shared memory, not an attribute: persistent loader workers keep the dataset copy they forked
         # with, and must still see the epoch. The main process sets it before the epoch's iterator
         # hands any index to a worker, so every sample of the epoch reads the new value.
@@ -174,11 +193,44 @@ class SegmentationDataset(Dataset):
                 self.budget.spend(item.image_path, exc)
                 index = random.randrange(len(self.items))
                 continue
-            image, mask = resize_image(image, self.width, self.height), self.masks[index]
+            mask = self.masks[index]
+            image = resize_image(image, mask.shape[1], mask.shape[0])
+            if self.scale.crops:
+                image, mask = self._crop(index, image, mask, np.random.default_rng([seed, CROP_STREAM]))
             if self.augment is None:
                 return image, mask
             return self.augment(image, mask, seed)
         raise TaskError("no readable sample found after 100 tries", where=f"{self.budget.split} split")
+
+
+    def _crop(
+        self, index: int, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
+        centre = None
+        pixels = self.foreground_pixels[index] if self.foreground_pixels else ()
+        if pixels and rng.random() < self.foreground:
+            # A class first, then one of its pixels, so that a rare class is drawn as often as a common one.
+            of_class = pixels[rng.integers(len(pixels))]
+            centre = of_class[rng.integers(len(of_class))]
+        rows, cols = mask.shape
+        top = crop_origin(rows, self.height, None if centre is None else int(centre[0]), rng)
+        left = crop_origin(cols, self.width, None if centre is None else int(centre[1]), rng)
+        return (
+            cut(image, top, left, self.height, self.width, PAD_COLOR),
+            cut(mask, top, left, self.height, self.width, NEUTRAL_INDEX),
+        )
+
+
+class WholeImageDataset(SegmentationDataset):
+    """(RGB uint8 (H, W, 3), target int64 (H, W)) of whole images, masks at the images' own size, for
+    validating crop training by the tiled prediction that inference makes (one image per batch).
+    An index from len(self) on is padding: one pixel, neutral."""
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if index >= len(self.items):
+            return torch.zeros((1, 1, 3), dtype=torch.uint8), torch.full((1, 1), NEUTRAL_INDEX, dtype=torch.int64)
+        image, mask = self.sample(index)
+        return torch.from_numpy(image), torch.from_numpy(mask.astype(np.int64))
 
 
 def _limit_worker_threads(_worker_id: int) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from plugin.config import load_train_config
+from plugin.config import read_train_config
 from plugin.errors import TaskError
 from plugin.format.classes import BACKGROUND_COLOR, NEUTRAL_INDEX, ClassMapping
 from plugin.format.project import ProjectMeta, list_items
@@ -25,11 +25,10 @@ def write_preview(task: TaskDir, out_dir: Path, n: int) -> list[Path]:
     PNG i is training sample i % len in epoch i // len, so with N above the number of images each
     image shows up again, augmented as in a later epoch.
     """
-    config = load_train_config(task.config_path)
+    config = read_train_config(task.config_path)
     project_dir, meta, mapping = read_project(task, config)
-    tags = config["dataset_tags"]
     # Only the images shown need their masks rasterized.
-    items = split_items(list_items(project_dir), tags["train"], tags["val"])["train"][:n]
+    items = split_items(list_items(project_dir), config.train_tag, config.val_tag)["train"][:n]
     dataset = build_dataset("train", items, meta, mapping, config)
     colors = class_colors(meta, mapping)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from plugin.settings import TrainConfig
+
 # nnU-Net's exponent: lr * (1 - progress) ** 0.9.
 POLY_POWER = 0.9
 
@@ -94,34 +96,33 @@ class LrSchedule:
         return self.base_lr * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
-def lr_schedule(config: dict, iters_per_epoch: int) -> LrSchedule:
-    """The schedule of a merged train config for a run of config["epochs"] * iters_per_epoch steps."""
-    total = config["epochs"] * iters_per_epoch
-    warmup = min(total, round(config["lr_schedule"]["warmup_epochs"] * iters_per_epoch))
-    return LrSchedule(config["lr_schedule"]["name"], config["lr"], total, warmup)
+def lr_schedule(config: TrainConfig, iters_per_epoch: int) -> LrSchedule:
+    """The config's schedule for a run of config.epochs * iters_per_epoch steps."""
+    total = config.epochs * iters_per_epoch
+    warmup = min(total, round(config.warmup_epochs * iters_per_epoch))
+    return LrSchedule(config.lr_schedule, config.lr, total, warmup)
 
 
-def plateau_policy(config: dict) -> LrPolicy | None:
+def plateau_policy(config: TrainConfig) -> LrPolicy | None:
     """The lr_decreasing rule when the schedule is "plateau", else None."""
-    if config["lr_schedule"]["name"] != "plateau":
+    if config.lr_schedule != "plateau":
         return None
-    return LrPolicy(config["lr_decreasing"]["patience"], config["lr_decreasing"]["lr_divisor"])
+    return LrPolicy(config.plateau_patience, config.plateau_divisor)
 
 
-def build_optimizer(model: nn.Module, config: dict) -> torch.optim.Optimizer:
-    """Adam or AdamW at config["lr"], with weight decay on the conv weights only.
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """Adam or AdamW at config.lr, with weight decay on the conv weights only.
 
     Biases and BatchNorm scales/shifts (the 1-d parameters) are not decayed: shrinking them toward 0
     regularises nothing and only fights the normalisation.
     """
-    settings = config["optimizer"]
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
-        {"params": [p for p in params if p.ndim > 1], "weight_decay": settings["weight_decay"]},
+        {"params": [p for p in params if p.ndim > 1], "weight_decay": config.weight_decay},
         {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
     ]
-    optimizer_class = torch.optim.AdamW if settings["name"] == "adamw" else torch.optim.Adam
-    return optimizer_class(groups, lr=config["lr"])
+    optimizer_class = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    return optimizer_class(groups, lr=config.lr)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
