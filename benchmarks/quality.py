@@ -35,13 +35,13 @@ COMMON = {
     "seed": 0,
 }
 # The legacy recipe, as the legacy plugin trained: whole image resized, no augmentation, Adam with the
-# plateau rule. The default recipe is whatever the defaults say; "resize" is the default with the
-# legacy scale rule, the measurement behind the default scale.mode.
-RESIZE = {"scale": {"mode": "resize", "factor": 1.0}}
+# plateau rule. The default recipe is whatever the defaults say; "crop" is the default with native-scale
+# crops, the measurement behind the default scale.mode.
 RECIPES = {
     "default": {},
-    "legacy": {**RESIZE, "augmentations": False, "lr_decreasing": {"patience": 3, "lr_divisor": 5}},
-    "resize": RESIZE,
+    "legacy": {"scale": {"mode": "resize", "factor": 1.0}, "augmentations": False,
+               "lr_decreasing": {"patience": 3, "lr_divisor": 5}},
+    "crop": {"scale": {"mode": "crop", "factor": 1.0}},
 }
 
 

@@ -61,7 +61,7 @@ def test_legacy_basic_config_is_valid(tmp_path):
 def test_legacy_full_config_is_valid_and_kept(tmp_path):
     # Only the keys legacy never had are added, with their defaults.
     new_keys = {"sync_batchnorm": True, "cpu_processes": 1, "seed": 0, "augmentations": TRAIN_DEFAULTS["augmentations"],
-                "scale": {"mode": "crop", "factor": 1.0}, "foreground_oversampling": 0.33}
+                "scale": {"mode": "resize", "factor": 1.0}, "foreground_oversampling": 0.33}
     # It sets lr_decreasing, so it keeps the legacy optimizer and LR rule.
     new_keys |= {"class_weights": None, "optimizer": {"name": "adam", "weight_decay": 0},
                  "lr_schedule": {"name": "plateau", "warmup_epochs": 0}}

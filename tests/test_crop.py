@@ -146,7 +146,7 @@ def test_crop_validation_uses_whole_images(tmp_path):
 @pytest.fixture(scope="module")
 def crop_run(tmp_path_factory):
     """A crop-trained tiny model (112 px images, 64 px crops, so 3 x 3 windows): its task dir and train summary."""
-    root = make_task(tmp_path_factory.mktemp("crop") / "task", {**TINY_CONFIG, "epochs": 2, "val_every": 2}, size=112)
+    root = make_task(tmp_path_factory.mktemp("crop") / "task", {**TINY_CONFIG, "epochs": 2, "val_every": 2, "scale": CROP}, size=112)
     return TaskDir(root), train_task(TaskDir(root))
 
 
