@@ -30,6 +30,7 @@ from plugin.training.crops import crop_origin, cut
 from plugin.training.data import WholeImageDataset, split_items
 from plugin.training.task import build_dataset, train_task
 from tests.conftest import TINY_CONFIG, make_task
+from tests.test_contract import Recorder
 
 CROP = {"mode": "crop", "factor": 1.0}
 
@@ -166,17 +167,6 @@ def test_validation_scores_what_inference_writes(crop_run, tmp_path):
     report = evaluate_projects(infer.data_dir, infer_task(infer).output_dir)
     assert report["mean_iou"] == pytest.approx(summary.best_val_metrics["mean_iou"], abs=1e-12)
     assert report["pixel_accuracy"] == pytest.approx(summary.best_val_metrics["accuracy"], abs=1e-12)
-
-
-class Recorder(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-        self.inputs: list[torch.Tensor] = []
-
-    def forward(self, batch: torch.Tensor) -> torch.Tensor:
-        self.inputs.append(batch.detach().clone())
-        return self.model(batch)
 
 
 @pytest.mark.parametrize("factor", [1.0, 0.5])
