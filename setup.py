@@ -27,6 +27,7 @@ setup(
         # 2.0.x is MIT; later releases changed the licence.
         "albumentations>=2.0.8,<2.1",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    # hypothesis: the fuzz tests of the annotation parser, the config loaders and the image reader.
+    extras_require={"test": ["pytest>=7", "hypothesis>=6.100"]},
     entry_points={"console_scripts": ["sly-unet=plugin.cli:main"]},
 )

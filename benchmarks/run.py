@@ -8,6 +8,8 @@
 4. Peak memory (max RSS) of a whole inference run on one 4096x4096 image with a 5-class model; target < 2 GB.
 5. Data-parallel training: the step time of 1 process against 2 gloo processes on this machine (the
    same batch per process), and the share of the 2-process step spent in the gradient all-reduce.
+6-8. Stopping and resuming: SIGTERM to exit at 256x256, the resume state's size, and the share of a
+   demo epoch its writes take (benchmarks/resume.py).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from benchmarks import resume
 from plugin.format.classes import NEUTRAL_INDEX, build_mapping
 from plugin.format.geometry import encode_bitmap
 from plugin.format.masks import rasterize
@@ -39,7 +42,6 @@ from plugin.nn.preprocess import normalize, resize_image
 from plugin.training import distributed
 from plugin.training.checkpoints import legacy_state_dict
 from plugin.training.data import CorruptionBudget, SegmentationDataset, make_loader, prepare_masks
-from plugin.training.loop import wrap_model
 
 CLASSES = [
     {"title": "poly", "shape": "polygon", "color": "#FF0000"},
@@ -237,7 +239,7 @@ def _ddp_rank(ctx: distributed.DistContext, size: int, batch: int, steps: int) -
     images, targets = torch.randn(batch, 3, size, size), torch.randint(0, 4, (batch, size, size))
     torch.manual_seed(0)
     model = build_model(4)
-    net = wrap_model(model, torch.device("cpu"), ctx, sync_batchnorm=False)
+    net = distributed.wrap_model(model, torch.device("cpu"), ctx, sync_batchnorm=False)
     comm = {"seconds": 0.0}
     if ctx.world_size > 1:
         net.register_comm_hook(comm, _timed_allreduce)
@@ -283,16 +285,23 @@ def main() -> None:
     parser.add_argument("--ddp-batch", type=int, default=2, help="batch per process for the data-parallel benchmark")
     parser.add_argument("--ddp-steps", type=int, default=5)
     parser.add_argument("--only-ddp", action="store_true", help="run the data-parallel benchmark alone")
+    parser.add_argument("--stop-repeats", type=int, default=2, help="SIGTERM runs of the stop benchmark")
+    parser.add_argument("--only-resume", action="store_true", help="run the stop and resume benchmarks alone")
     args = parser.parse_args()
     if args.only_ddp:
         print(f"reproduce: .venv/bin/python -m benchmarks.run --only-ddp --ddp-size {args.ddp_size} "
               f"--ddp-batch {args.ddp_batch} --ddp-steps {args.ddp_steps}")
         bench_ddp(args.ddp_size, args.ddp_batch, args.ddp_steps)
         return
+    if args.only_resume:
+        print(f"reproduce: .venv/bin/python -m benchmarks.run --only-resume --stop-repeats {args.stop_repeats}")
+        _bench_resume(args)
+        return
     print(f"reproduce: .venv/bin/python -m benchmarks.run --images {args.images} --repeats {args.repeats} "
           f"--size {args.size} --batch {args.batch} --workers {args.workers} --steps {args.steps} "
           f"--window {args.window} --infer-input {args.infer_input} --ddp-size {args.ddp_size} "
-          f"--ddp-batch {args.ddp_batch} --ddp-steps {args.ddp_steps}  (or: make bench)")
+          f"--ddp-batch {args.ddp_batch} --ddp-steps {args.ddp_steps} --stop-repeats {args.stop_repeats}  "
+          "(or: make bench)")
     with tempfile.TemporaryDirectory() as tmp:
         project = make_bench_project(Path(tmp) / "bench", args.images)
         bench_rasterize(project, args.repeats)
@@ -300,6 +309,13 @@ def main() -> None:
         bench_sliding_window(2048, args.window, 32, args.infer_input, 8)
         bench_inference_memory(Path(tmp), 4096, 512, args.infer_input)
     bench_ddp(args.ddp_size, args.ddp_batch, args.ddp_steps)
+    _bench_resume(args)
+
+
+def _bench_resume(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        resume.bench_stop(Path(tmp), 256, args.stop_repeats)
+        resume.bench_state_overhead(Path(tmp), writes=3)
 
 
 if __name__ == "__main__":

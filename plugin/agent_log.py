@@ -119,9 +119,20 @@ class Progress:
 
 
 def log_metrics(kind: str, epoch: float, metrics: dict[str, float], **extra: Any) -> None:
-    """A METRICS line; `kind` is "train" or "val"; a None metric is logged as null."""
+    """A METRICS line; `kind` is "train" or "val"; a None metric is logged as null.
+
+    A NaN or infinite metric is left out of the line (JSON has no NaN, and a null would chart as a
+    gap nobody notices) and named in a warning instead.
+    """
+    bad = {k: v for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)}
+    if bad:
+        listed = ", ".join(f"{k} {v}" for k, v in bad.items())
+        logging.getLogger("plugin.metrics").warning(
+            f"{kind} metrics at epoch {epoch:.2f} are not finite: {listed}; they are left out of the METRICS line",
+            extra={"metrics_type": kind, "epoch": float(epoch), "nonfinite_metrics": sorted(bad)},
+        )
     _events.info("metrics", extra={"event_type": EVENT_METRICS, "type": kind, "epoch": float(epoch),
-                                   "metrics": dict(metrics), **extra})
+                                   "metrics": {k: v for k, v in metrics.items() if k not in bad}, **extra})
 
 
 def log_checkpoint(idx: int, subdir: str, sizeb: int, best_now: bool, optional: dict) -> None:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from plugin import agent_log
+from plugin.errors import Stopped
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +36,11 @@ def _infer(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
+    from plugin.format.images import set_max_image_pixels
     from plugin.inference.evaluate import run_evaluate
 
+    if args.max_image_pixels is not None:
+        set_max_image_pixels(args.max_image_pixels)
     run_evaluate(
         Path(args.gt), Path(args.pred), args.suffix, Path(args.out) if args.out else None, args.background, args.neutral
     )
@@ -43,12 +48,17 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 def _masks(args: argparse.Namespace) -> None:
     from plugin.config import read_train_config
+    from plugin.format.images import set_max_image_pixels
     from plugin.format.masks import write_masks
 
-    background, neutral = "bg", "neutral"
+    background, neutral, limit = "bg", "neutral", args.max_image_pixels
     if args.config is not None:
         config = read_train_config(Path(args.config))
         background, neutral = config.background, config.neutral
+        # The option wins; else the limit the config trains with.
+        limit = config.max_image_pixels if limit is None else limit
+    if limit is not None:
+        set_max_image_pixels(limit)
     count = write_masks(Path(args.project), Path(args.out), background, neutral)
     log.info(
         f"wrote {count} masks and class_title_to_idx.json to {args.out}", extra={"masks": count}
@@ -86,6 +96,15 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def _add_pixel_limit(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-image-pixels",
+        type=_positive_int,
+        help="refuse images, bitmaps and annotation sizes of more pixels (width x height); default 2^28, "
+        "at most 2^30",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sly-unet", description="UNet v2 segmentation for Supervisely task dirs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -113,11 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="also write the metrics as JSON to this file")
     p.add_argument("--background", default="bg", help="background class title (default: bg)")
     p.add_argument("--neutral", default="neutral", help="neutral class title, ignored (default: neutral)")
+    _add_pixel_limit(p)
 
     p = add("masks", "write the training targets of a project as PNG class masks, for checking annotations")
     p.add_argument("--project", required=True, help="project directory (meta.json + datasets)")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--config", help="task_config.json to take special_classes from (default: bg / neutral)")
+    p.add_argument("--config", help="task_config.json to take special_classes and max_image_pixels from "
+                   "(default: bg / neutral, 2^28)")
+    _add_pixel_limit(p)
 
     p = add("augment-preview", "write augmented training samples as PNGs, the mask overlaid in the class colours")
     p.add_argument("--task-dir", help="task directory (default: $SLY_TASK_DIR, else /sly_task_data)")
@@ -133,7 +155,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     agent_log.setup(args.log_format)
     main_name, handler = COMMANDS[args.command]
-    return agent_log.run_main(main_name, lambda: handler(args))
+    try:
+        return agent_log.run_main(main_name, lambda: handler(args))
+    except Stopped as stopped:
+        # A stop signal, as a process killed by it would report (docker stop: 143).
+        if not stopped.logged:
+            name = signal.Signals(stopped.signum).name
+            log.warning(f"stopped by {name} before training started; nothing was trained, so there is no new "
+                        "resume state", extra={"signal": name})
+        return 128 + stopped.signum
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from jsonschema.protocols import Validator
 from jsonschema.validators import validator_for
 
 from plugin.errors import TaskError
+from plugin.format.images import DEFAULT_MAX_IMAGE_PIXELS
 from plugin.jsonfile import read_json
 from plugin.settings import MATCH_ALL, InferenceConfig, TrainConfig
 
@@ -70,6 +71,14 @@ TRAIN_DEFAULTS: dict = {
     "sync_batchnorm": True,
     "cpu_processes": 1,
     "seed": 0,
+    # Runs continue from tmp/resume/ (training/state.py): a stopped or preempted task is simply run again.
+    "resume": "auto",
+    "time_budget_minutes": None,
+    "early_stopping": {"patience": None, "metric": "loss"},
+    # A few non-finite steps are survivable (one bad batch, a transient overflow); ten in a row are not.
+    "max_nonfinite_steps": 10,
+    "keep_checkpoints": None,
+    "max_image_pixels": DEFAULT_MAX_IMAGE_PIXELS,
 }
 
 _DEFAULT_MODE = "full_image"
@@ -183,12 +192,14 @@ def _inference_defaults(mode_name: object) -> dict:
     # A name that is not a mode gets the common keys only; the schema then reports the name alone.
     own = _MODE_DEFAULTS.get(mode_name, {}) if isinstance(mode_name, str) else {}
     mode = merge_defaults({"name": mode_name, **_MODE_COMMON_DEFAULTS}, own)
-    return {"model": copy.deepcopy(_MODEL_DEFAULTS), "mode": mode, "allow_corrupted_images": 0}
+    return {"model": copy.deepcopy(_MODEL_DEFAULTS), "mode": mode, "allow_corrupted_images": 0,
+            "max_image_pixels": DEFAULT_MAX_IMAGE_PIXELS}
 
 
 def _from_v1_layout(raw: dict, errors: list[str]) -> dict:
     # v1: mode.source names the mode, model_classes sits at the top level, and the model's keys are the
-    # other top-level keys. allow_corrupted_images is ours, not a model key, so it stays at the top.
+    # other top-level keys. allow_corrupted_images and max_image_pixels are ours, not model keys, so they
+    # stay at the top.
     mode = copy.deepcopy(raw.get("mode", {}))
     if isinstance(mode, dict):
         _rename_legacy_key(mode, "source", "name", "mode", errors)
@@ -199,7 +210,7 @@ def _from_v1_layout(raw: dict, errors: list[str]) -> dict:
                 mode["model_classes"] = copy.deepcopy(raw["model_classes"])
     config: dict = {"mode": mode, "model": {}}
     for key, value in raw.items():
-        if key == "allow_corrupted_images":
+        if key in ("allow_corrupted_images", "max_image_pixels"):
             config[key] = copy.deepcopy(value)
         elif key not in ("mode", "model_classes"):
             config["model"][key] = copy.deepcopy(value)

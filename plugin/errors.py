@@ -16,3 +16,16 @@ class TaskError(Exception):
         self.message = message
         self.where = None if where is None else str(where)
         super().__init__(f"{self.where}: {message}" if self.where else message)
+
+
+class Stopped(BaseException):
+    """A stop signal (SIGTERM, SIGINT) asked the task to end: raised at the next safe point.
+
+    A BaseException, like KeyboardInterrupt, so that no `except Exception` on the way swallows it;
+    the entrypoint turns it into exit code 128 + signum. `logged` is set once the stop line is out.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by signal {signum}")
+        self.signum = signum
+        self.logged = False

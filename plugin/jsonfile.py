@@ -1,11 +1,23 @@
-"""Reading the JSON files of a task dir (configs, meta.json, annotations) with errors that name the file."""
+"""The JSON files of a task dir (configs, meta.json, annotations): read with errors that name the file;
+and writing any output file without following a symbolic link.
+"""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from pathlib import Path
 
 from plugin.errors import TaskError
+
+# Configs, meta.json and annotations nest a few levels (objects[i].points.exterior[j][k] is 6); deeper
+# documents would overflow the recursion of json, copy.deepcopy and jsonschema further on.
+MAX_JSON_DEPTH = 100
+_TOO_DEEP = f"the JSON nests arrays and objects more than {MAX_JSON_DEPTH} levels deep"
+_SYMLINK_REFUSED = (
+    "the output path is a symbolic link, and nothing is written through one; remove it or choose another path"
+)
 
 _JSON_TYPE_NAMES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
                     bool: "a boolean", type(None): "null"}
@@ -29,6 +41,10 @@ def read_json(path: Path) -> dict:
         raise TaskError(f"not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}", where=path) from None
     except ValueError as e:
         raise TaskError(f"not valid JSON: {e}", where=path) from None
+    except RecursionError:
+        raise TaskError(_TOO_DEEP, where=path) from None
+    if _deeper_than(value, MAX_JSON_DEPTH):
+        raise TaskError(_TOO_DEEP, where=path)
     if not isinstance(value, dict):
         raise TaskError(f"expected a JSON object at the top level, found {_JSON_TYPE_NAMES[type(value)]}", where=path)
     return value
@@ -39,7 +55,42 @@ def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not allowed in JSON")
 
 
+def _deeper_than(value: object, limit: int) -> bool:
+    # Level by level, not recursively: the point is not to recurse as deep as the document goes.
+    level = [value] if isinstance(value, (dict, list)) else []
+    for _ in range(limit):
+        level = [
+            child
+            for container in level
+            for child in (container.values() if isinstance(container, dict) else container)
+            if isinstance(child, (dict, list))
+        ]
+        if not level:
+            return False
+    return True
+
+
 def write_json(path: Path, doc: dict) -> None:
-    """Write doc as the SDK does (indent 4), creating the folder."""
+    """Write doc as the SDK does (indent 4), creating the folder; see write_file."""
+    write_file(path, json.dumps(doc, indent=4, ensure_ascii=False).encode("utf-8"))
+
+
+def write_file(path: Path, data: bytes) -> None:
+    """Write data to path, creating the folder; TaskError if path is a symbolic link, which is never
+    written through (O_NOFOLLOW: no window between a check and the write)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=4, ensure_ascii=False), encoding="utf-8")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o666)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise TaskError(_SYMLINK_REFUSED, where=path) from None
+        raise
+    with os.fdopen(fd, "wb") as file:
+        file.write(data)
+
+
+def refuse_symlink(path: Path) -> None:
+    """TaskError if path (an output file or folder about to be written or replaced) is a symbolic link."""
+    if Path(path).is_symlink():
+        raise TaskError(_SYMLINK_REFUSED, where=path)

@@ -58,6 +58,18 @@ class PerSplit:
 
 
 @dataclass(frozen=True)
+class EarlyStoppingRule:
+    """End the run after `patience` validations without a better `metric` (lower for loss, higher otherwise)."""
+
+    patience: int
+    metric: str
+
+    @property
+    def lower_is_better(self) -> bool:
+        return self.metric == "loss"
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """A validated train config. `raw` is the merged JSON itself: checkpoints record it as `settings`."""
 
@@ -90,6 +102,12 @@ class TrainConfig:
     sync_batchnorm: bool
     cpu_processes: int
     seed: int
+    resume: bool  # resume "auto"; False for "never"
+    time_budget_s: float | None
+    early_stopping: EarlyStoppingRule | None
+    max_nonfinite_steps: int
+    keep_checkpoints: int | None
+    max_image_pixels: int
     raw: dict = field(compare=False, repr=False)
 
     @classmethod
@@ -98,6 +116,7 @@ class TrainConfig:
             return PerSplit(int(config[key]["train"]), int(config[key]["val"]))
 
         weights = config["class_weights"]
+        budget, stopping = config["time_budget_minutes"], config["early_stopping"]
         return cls(
             input_size=(config["input_size"]["width"], config["input_size"]["height"]),
             scale=Scale(config["scale"]["mode"], float(config["scale"]["factor"])),
@@ -128,6 +147,14 @@ class TrainConfig:
             sync_batchnorm=config["sync_batchnorm"],
             cpu_processes=config["cpu_processes"],
             seed=config["seed"],
+            resume=config["resume"] == "auto",
+            time_budget_s=None if budget is None else 60.0 * float(budget),
+            early_stopping=None if stopping["patience"] is None else EarlyStoppingRule(
+                stopping["patience"], stopping["metric"]
+            ),
+            max_nonfinite_steps=config["max_nonfinite_steps"],
+            keep_checkpoints=config["keep_checkpoints"],
+            max_image_pixels=config["max_image_pixels"],
             raw=config,
         )
 
@@ -169,6 +196,7 @@ class InferenceConfig:
     gpu_device: int
     mode: Mode
     allow_corrupted_images: int
+    max_image_pixels: int
 
     @classmethod
     def from_dict(cls, config: dict) -> InferenceConfig:
@@ -193,6 +221,7 @@ class InferenceConfig:
                 batch_size=mode.get("batch_size", 1),
             ),
             allow_corrupted_images=config["allow_corrupted_images"],
+            max_image_pixels=config["max_image_pixels"],
         )
 
 

@@ -36,6 +36,11 @@ class TaskDir:
     def tmp_dir(self) -> Path:
         return self.root / "tmp"
 
+    @property
+    def state_path(self) -> Path:
+        """The resume state: beside results/, which keeps only the legacy checkpoint folders."""
+        return self.tmp_dir / "resume" / "state.pt"
+
 
 def resolve_task_dir(arg: str | None) -> TaskDir:
     """The task dir from --task-dir, else $SLY_TASK_DIR, else /sly_task_data; TaskError if it is not a directory."""

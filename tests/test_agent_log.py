@@ -127,13 +127,17 @@ def test_metrics_line():
     out = json_setup()
     metrics = {"loss": np.float32(0.25), "accuracy": 0.9, "iou/kiwi": None, "dice": float("nan")}
     log_metrics("val", 1, metrics, absent_classes=["kiwi"])
-    [line] = parse(out)
+    warning, line = parse(out)
     assert line["message"] == "metrics" and line["event_type"] == "EventType.METRICS"
     assert line["type"] == "val"
     assert line["epoch"] == 1.0 and isinstance(line["epoch"], float)
-    # NaN is not JSON (the agent would drop the line): it becomes null, like an absent class.
-    assert line["metrics"] == {"loss": 0.25, "accuracy": 0.9, "iou/kiwi": None, "dice": None}
+    # NaN is not JSON (the agent would drop the line), and a null would chart as an unnoticed gap: a
+    # non-finite metric is left out and named in a warning. An absent class stays null.
+    assert line["metrics"] == {"loss": 0.25, "accuracy": 0.9, "iou/kiwi": None}
     assert line["absent_classes"] == ["kiwi"]
+    assert warning["level"] == "warn" and warning["nonfinite_metrics"] == ["dice"]
+    assert warning["message"] == ("val metrics at epoch 1.00 are not finite: dice nan; they are left out of the "
+                                  "METRICS line")
 
 
 def test_checkpoint_and_model_applied_lines():

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from jsonschema import Draft7Validator
 
-from plugin.config import TRAIN_DEFAULTS, load_train_config, merge_defaults, read_json, validate
+from plugin.config import TRAIN_DEFAULTS, load_train_config, merge_defaults, read_json, read_train_config, validate
 from plugin.errors import TaskError
 
 LEGACY_BASIC = {
@@ -65,7 +65,30 @@ def test_legacy_full_config_is_valid_and_kept(tmp_path):
     # It sets lr_decreasing, so it keeps the legacy optimizer and LR rule.
     new_keys |= {"class_weights": None, "optimizer": {"name": "adam", "weight_decay": 0},
                  "lr_schedule": {"name": "plateau", "warmup_epochs": 0}}
+    new_keys |= {"resume": "auto", "time_budget_minutes": None, "early_stopping": {"patience": None, "metric": "loss"},
+                 "max_nonfinite_steps": 10, "keep_checkpoints": None, "max_image_pixels": 2**28}
     assert load_train_config(write_config(tmp_path, LEGACY_FULL)) == {**LEGACY_FULL, **new_keys}
+
+
+def test_run_control_keys_and_their_errors(tmp_path):
+    config = read_train_config(write_config(tmp_path, {
+        "resume": "never", "time_budget_minutes": 90, "early_stopping": {"patience": 5, "metric": "mean_iou"},
+        "max_nonfinite_steps": 0, "keep_checkpoints": 2, "max_image_pixels": 10**6,
+    }))
+    assert (config.resume, config.time_budget_s, config.max_nonfinite_steps) == (False, 5400.0, 0)
+    assert (config.early_stopping.patience, config.early_stopping.metric) == (5, "mean_iou")
+    assert not config.early_stopping.lower_is_better
+    assert (config.keep_checkpoints, config.max_image_pixels) == (2, 10**6)
+    assert read_train_config(write_config(tmp_path, {"early_stopping": {"patience": 3}})).early_stopping.metric == "loss"
+    with pytest.raises(TaskError) as caught:
+        load_train_config(write_config(tmp_path, {
+            "resume": "always", "time_budget_minutes": 0, "early_stopping": {"patience": 0, "metric": ""},
+            "max_nonfinite_steps": -1, "keep_checkpoints": 0, "max_image_pixels": 2**31,
+        }))
+    found = problems(caught.value)
+    for key in ("resume", "time_budget_minutes", "early_stopping.patience", "early_stopping.metric",
+                "max_nonfinite_steps", "keep_checkpoints", "max_image_pixels"):
+        assert any(line.startswith(f"{key}: ") for line in found), (key, found)
 
 
 def test_distributed_keys(tmp_path):

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.data import DistributedSampler
 
 from plugin import agent_log
 from plugin.config import read_train_config
@@ -26,8 +25,9 @@ from plugin.nn.weights import WEIGHTS_NAME, load_state_dict
 from plugin.training.checkpoints import legacy_state_dict
 from plugin.training.data import split_items, val_shard
 from plugin.training.distributed import DUMP_WEIGHTS_ENV, RankFailed
-from plugin.training.schedule import build_optimizer, lr_schedule, set_lr
 from plugin.training.loop import loss_fn
+from plugin.training.sampler import EpochSampler
+from plugin.training.schedule import build_optimizer, lr_schedule, set_lr
 from plugin.training.task import apply_initial_weights, build_dataset
 from tests.conftest import REPO, TINY_CONFIG, Run, make_task, run_entrypoint
 
@@ -49,9 +49,8 @@ TWO = dict(CONTINUE, batch_size={"train": 2, "val": 2}, cpu_processes=2)
 
 
 def test_the_global_batch_is_the_same_whatever_the_number_of_processes():
-    data = range(10)
-    one = list(DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=3))
-    two = [list(DistributedSampler(data, num_replicas=2, rank=r, shuffle=True, seed=3)) for r in range(2)]
+    one = list(EpochSampler(10, rank=0, world_size=1, seed=3))
+    two = [list(EpochSampler(10, rank=r, world_size=2, seed=3)) for r in range(2)]
     # Step i with batch 2 per rank takes ranks' items [2i, 2i + 2): together, one's items [4i, 4i + 4).
     for i in range(3):
         together = sorted(two[0][2 * i : 2 * i + 2] + two[1][2 * i : 2 * i + 2])
@@ -174,7 +173,7 @@ def _two_rank_step_in_one_process(task: Path) -> dict[str, torch.Tensor]:
     optimizer = build_optimizer(model, config)
     compute_loss = loss_fn(config, mapping.num_classes)
     batch = config.batch_size.train
-    order = [list(DistributedSampler(data, num_replicas=2, rank=r, shuffle=True, seed=config.seed)) for r in (0, 1)]
+    order = [list(EpochSampler(len(data), rank=r, world_size=2, seed=config.seed)) for r in (0, 1)]
     steps = -(-len(order[0]) // batch)
     schedule = lr_schedule(config, steps)
     model.train()

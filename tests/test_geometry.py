@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import struct
+import time
 import zlib
 from pathlib import Path
 
@@ -147,6 +148,19 @@ def test_draw_matches_a_full_size_fill_for_random_polygons() -> None:
         mask = np.full((height, width), 3, np.uint8)
         draw(mask, Polygon(exterior, holes), 9)
         np.testing.assert_array_equal(mask, expected)
+
+
+def test_a_hole_reaching_far_beyond_the_image_is_drawn_at_once() -> None:
+    # OpenCV's fill walks every row from a ring's top: from y = -2^31 that took 15 s for one object.
+    edge = 2**31 - 1
+    far = polygon_obj([[0, 0], [60, 0], [60, 60], [0, 60]], [[[-edge, -edge], [edge, -edge], [edge, edge]]])
+    start = time.perf_counter()
+    mask = render(far, "polygon", 64, 64)
+    assert time.perf_counter() - start < 1
+    # In the image the hole is what lies above the diagonal y = x, as for a near hole of that shape.
+    near = polygon_obj([[0, 0], [60, 0], [60, 60], [0, 60]], [[[-1000, -1000], [1000, -1000], [1000, 1000]]])
+    np.testing.assert_array_equal(mask, render(near, "polygon", 64, 64))
+    assert mask.sum() == 1830
 
 
 def test_multipolygon_draws_each_part_on_its_own() -> None:

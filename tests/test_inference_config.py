@@ -30,6 +30,7 @@ FULL_IMAGE = {
     "mode": {"name": "full_image", "model_classes": UNET_CLASSES, "model_tags": UNET_TAGS, "save_probabilities": False,
              "tta": False},
     "allow_corrupted_images": 0,
+    "max_image_pixels": 2**28,
 }
 ROI = {
     "model": {"gpu_device": 0},
@@ -38,6 +39,7 @@ ROI = {
         "bounds": ZERO_SIDES, "save": False, "class_name": "inference_roi",
     },
     "allow_corrupted_images": 0,
+    "max_image_pixels": 2**28,
 }
 BBOXES = {
     "model": {"gpu_device": 0},
@@ -46,6 +48,7 @@ BBOXES = {
         "from_classes": "__all__", "padding": ZERO_SIDES, "save": False, "add_suffix": "_input_bbox",
     },
     "allow_corrupted_images": 0,
+    "max_image_pixels": 2**28,
 }
 SLIDING_WINDOW = {
     "model": {"gpu_device": 0},
@@ -56,6 +59,7 @@ SLIDING_WINDOW = {
         "save": False, "class_name": "sliding_window", "batch_size": 8,
     },
     "allow_corrupted_images": 0,
+    "max_image_pixels": 2**28,
 }
 DEFAULTS = {"full_image": FULL_IMAGE, "roi": ROI, "bboxes": BBOXES, "sliding_window": SLIDING_WINDOW}
 
@@ -134,6 +138,7 @@ def test_user_values_merge_into_the_mode_defaults_key_by_key(tmp_path):
             "save_probabilities": True,
         },
         "allow_corrupted_images": 3,
+        "max_image_pixels": 10**6,
     }
     assert load(tmp_path, user) == {
         "model": {"gpu_device": 2},
@@ -144,6 +149,7 @@ def test_user_values_merge_into_the_mode_defaults_key_by_key(tmp_path):
             "save": False, "class_name": "sliding_window", "batch_size": 8,
         },
         "allow_corrupted_images": 3,
+        "max_image_pixels": 10**6,
     }
 
 
@@ -217,6 +223,7 @@ def test_v1_layout_is_converted(tmp_path):
         "model_classes": {"save_names": ["kiwi"], "add_suffix": "_unet"},
         "gpu_device": 1,
         "allow_corrupted_images": 2,
+        "max_image_pixels": 2**20,  # ours, not a model key: it stays at the top
     }
     assert load(tmp_path, v1) == {
         "model": {"gpu_device": 1},
@@ -227,6 +234,7 @@ def test_v1_layout_is_converted(tmp_path):
             "save": True, "add_suffix": "_box",
         },
         "allow_corrupted_images": 2,
+        "max_image_pixels": 2**20,
     }
 
 

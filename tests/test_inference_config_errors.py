@@ -175,7 +175,7 @@ def test_each_bad_mode_value_names_its_key(tmp_path, mode, expected):
         ({"model": {}, "allow_corrupted_images": -1}, "allow_corrupted_images: -1 is less than the minimum of 0"),
         (
             {"model": {}, "save_probabilities": True},
-            "save_probabilities: unknown key (allowed: allow_corrupted_images, mode, model)",
+            "save_probabilities: unknown key (allowed: allow_corrupted_images, max_image_pixels, mode, model)",
         ),
     ],
 )

@@ -6,20 +6,34 @@ import dataclasses
 import json
 import logging
 import math
+import time
 
 import pytest
 import torch
 
 from plugin.config import read_train_config
-from plugin.settings import TrainConfig
-from plugin.training.schedule import EvalPlanner, LrPolicy, LrSchedule, build_optimizer, lr_schedule, plateau_policy
+from plugin.settings import EarlyStoppingRule, TrainConfig
+from plugin.training.schedule import (
+    EarlyStopping,
+    EvalPlanner,
+    LrPolicy,
+    LrSchedule,
+    TimeBudget,
+    build_optimizer,
+    lr_schedule,
+    plateau_policy,
+)
 
 
 def planned_epochs(val_every: float, iters: int, epochs: int) -> list[float]:
     planner = EvalPlanner(val_every, iters, epochs)
-    return [
-        round(e + (i + 1) / iters, 3) for e in range(epochs) for i in range(iters) if planner.due(e, i)
-    ]
+    planned = []
+    for e in range(epochs):
+        for i in range(iters):
+            if planner.due(e, i):
+                planner.mark(e, i)
+                planned.append(round(e + (i + 1) / iters, 3))
+    return planned
 
 
 def load(tmp_path, user: dict) -> TrainConfig:
@@ -127,3 +141,36 @@ def test_explicit_keys_win_over_the_legacy_rule(tmp_path, caplog):
                                     "optimizer": {"name": "adamw", "weight_decay": 0.001}})
     assert own_optimizer.lr_schedule == "plateau"
     assert (own_optimizer.optimizer, own_optimizer.weight_decay) == ("adamw", 0.001)
+
+
+def test_the_decay_follows_the_budget_when_it_runs_out_first():
+    schedule = LrSchedule("poly", 1.0, total_steps=110, warmup_steps=10)
+    assert schedule.lr_at(20, budget_used=0.0) == schedule.lr_at(20)
+    # Half the budget spent after a tenth of the steps: the LR is the poly value at t = 0.5.
+    assert schedule.lr_at(20, budget_used=0.5) == pytest.approx(0.5**0.9)
+    assert schedule.lr_at(20, budget_used=1.2) == 0.0
+    assert schedule.lr_at(5, budget_used=0.9) == pytest.approx(0.6)  # warmup is counted in steps
+
+
+def test_time_budget_fits_the_next_step_and_the_final_validation():
+    budget = TimeBudget(100.0, spent_before=60.0, started=time.monotonic())
+    assert budget.fits(step_s=10, final_s=20)
+    assert not budget.fits(step_s=10, final_s=35)
+    assert 0.6 <= budget.used() < 0.61
+    assert TimeBudget(None).fits(1e9, 1e9) and TimeBudget(None).used() == 0.0
+
+
+@pytest.mark.parametrize("metric, values, ends_at", [
+    ("loss", [0.9, 0.8, 0.85, 0.81, 0.7, 0.75, 0.76], 3),  # lower is better: 0.85, 0.81 do not improve
+    ("mean_iou", [0.3, 0.5, 0.5, 0.4, 0.6], 3),  # higher is better; equal is no improvement
+])
+def test_early_stopping_counts_validations_without_a_better_value(metric, values, ends_at):
+    stopping = EarlyStopping(EarlyStoppingRule(patience=2, metric=metric))
+    ended = [stopping.step({metric: v}) for v in values]
+    assert ended.index(True) == ends_at
+
+
+def test_a_nan_metric_is_no_improvement():
+    stopping = EarlyStopping(EarlyStoppingRule(patience=1, metric="loss"))
+    assert not stopping.step({"loss": 1.0})
+    assert stopping.step({"loss": float("nan")})

@@ -21,13 +21,13 @@ from PIL import Image
 from shapely.geometry import Polygon as ShapelyPolygon
 
 from plugin.errors import TaskError
+from plugin.format.images import PNG_SIGNATURE, check_image_pixels, check_png_chunks
 
 log = logging.getLogger(__name__)
 
 # A few hundred bytes of base64 can inflate to gigabytes (zlib bomb, then a PNG bomb inside it):
-# cap both the inflated PNG and the pixels it may declare.
+# cap both the inflated PNG and the pixels it may declare (those of an image, images.max_image_pixels).
 MAX_BITMAP_BYTES = 256 * 2**20
-MAX_BITMAP_PIXELS = 2**28
 
 DRAWN_SHAPES = frozenset({"polygon", "rectangle", "bitmap", "multipolygon"})
 # Every shape name the SDK knows; a class shape outside this set is read as "any", as the SDK does.
@@ -36,7 +36,9 @@ KNOWN_SHAPES = DRAWN_SHAPES | {
     "oriented_bbox", "alpha_mask", "mask_3d", "pointcloud", "closed_surface_mesh", "multichannelBitmap",
 }
 
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# A hole reaching further than this beyond the image is cropped before it is drawn (_hole_in_image);
+# nearer ones are drawn as the SDK draws them. OpenCV fills 2^16 rows above the image in about 0.5 ms.
+_FAR = 2**16
 _BITMAP_PALETTE = [0, 0, 0, 255, 255, 255]
 
 
@@ -178,10 +180,12 @@ def decode_bitmap(data: str, where: str = "") -> np.ndarray:
         raise TaskError(f"bitmap.data inflates to more than {MAX_BITMAP_BYTES} bytes", where)
     if not inflater.eof:
         raise TaskError("bitmap.data is a truncated zlib stream", where)
-    if png.startswith(_PNG_SIGNATURE) and len(png) >= 24:
-        png_width, png_height = struct.unpack(">II", png[16:24])
-        if png_width * png_height > MAX_BITMAP_PIXELS:
-            raise TaskError(f"bitmap image is {png_width}x{png_height}, over {MAX_BITMAP_PIXELS} pixels", where)
+    # The SDK writes PNG; any other format OpenCV decodes would be a bomb whose size nothing checked.
+    if len(png) < 24 or not png.startswith(PNG_SIGNATURE) or png[12:16] != b"IHDR":
+        raise TaskError("bitmap.data does not hold a readable image: it is not a PNG", where)
+    png_width, png_height = struct.unpack(">II", png[16:24])
+    check_image_pixels(png_width, png_height, "the bitmap's PNG", where)
+    check_png_chunks(io.BytesIO(png), "the bitmap's PNG", where)
     image = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED)
     if image is None:
         raise TaskError("bitmap.data does not hold a readable image", where)
@@ -338,19 +342,19 @@ def _open_ring(coords: object) -> np.ndarray:
 
 def _fill_polygon(mask: np.ndarray, polygon: Polygon, value: int) -> None:
     """Same pixels as the SDK's cv2.fillPoly of the exterior with 1 on a blank canvas, then of all holes
-    in one call with 0, then painting the canvas's 1s: pixels in the exterior and not in a hole."""
-    if not polygon.interiors:
-        cv2.fillPoly(mask, [polygon.exterior], value)
-        return
+    in one call with 0, then painting the canvas's 1s: pixels in the exterior and not in a hole (but for
+    holes reaching far beyond the image, _hole_in_image)."""
     # The exterior is painted straight into the mask; then the holes give back what lay under them,
     # on a canvas over the holes' bbox only (holes are usually small). That canvas is pixel-identical
     # to a full-size one: a hole edge only leaves it where it also leaves the mask, so OpenCV clips
     # every edge at the same line.
-    holes = list(polygon.interiors)
-    rings = np.concatenate(holes)
-    (x0, y0), (x1, y1) = rings.min(0), rings.max(0)
     height, width = mask.shape
-    box = _clip_box(int(x0), int(y0), int(x1), int(y1), height, width)
+    holes = [ring for hole in polygon.interiors for ring in _hole_in_image(hole, height, width)]
+    box = None
+    if holes:
+        rings = np.concatenate(holes)
+        (x0, y0), (x1, y1) = rings.min(0), rings.max(0)
+        box = _clip_box(int(x0), int(y0), int(x1), int(y1), height, width)
     if box is None:
         cv2.fillPoly(mask, [polygon.exterior], value)
         return
@@ -361,3 +365,18 @@ def _fill_polygon(mask: np.ndarray, polygon: Polygon, value: int) -> None:
     canvas = np.zeros(window.shape, np.uint8)
     cv2.fillPoly(canvas, holes, 1, offset=(-left, -top))
     np.copyto(window, before, where=canvas.view(bool))
+
+
+def _hole_in_image(ring: np.ndarray, height: int, width: int) -> list[np.ndarray]:
+    """A hole as drawn: itself, unless it reaches more than _FAR pixels beyond the image: then its parts
+    cropped to the image.
+
+    Holes are drawn uncropped, as the SDK draws them, because the exterior lies in the image
+    (crop_to_image); a hole that leaves it changes no pixel outside the exterior. But OpenCV's fill
+    takes time in proportion to how far above the image a ring starts (15 s from y = -2^31), so a few
+    bytes of JSON per object would stall the rasterization.
+    """
+    (x0, y0), (x1, y1) = ring.min(0), ring.max(0)
+    if x0 >= -_FAR and y0 >= -_FAR and x1 < width + _FAR and y1 < height + _FAR:
+        return [ring]
+    return [part.exterior for part in _clip_polygon(Polygon(ring), height, width)]

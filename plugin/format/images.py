@@ -1,50 +1,182 @@
-"""Image files as the Supervisely SDK sees them: decoded by OpenCV, EXIF orientation applied.
+"""Image files as the Supervisely SDK sees them: decoded by OpenCV, EXIF orientation applied, within limits.
 
-Training, inference and the annotation size checks all go through here, so that an image has one
-size and one pixel layout everywhere (the SDK's `sly.image.read` is `cv2.imdecode(..., IMREAD_COLOR)`).
+Training, inference, `masks` and `evaluate` all go through here, so that an image has one size, one
+pixel layout and one set of limits everywhere (the SDK's `sly.image.read` is
+`cv2.imdecode(..., IMREAD_COLOR)`). Before a pixel is decoded, the header must name an accepted format
+(by content, whatever the file's extension) and declare at most max_image_pixels() pixels.
 """
 
 from __future__ import annotations
 
+import io
+import struct
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import cv2
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from plugin.errors import TaskError
 
+# 2**28 pixels is a 16384 x 16384 image, 0.75 GiB as RGB uint8: far above the inputs a UNet is trained
+# on here (at most 4096 a side). It caps bitmaps and annotation sizes too. A 60000 x 60000 PNG bomb of a
+# few hundred bytes would otherwise make OpenCV allocate 10 GiB.
+DEFAULT_MAX_IMAGE_PIXELS = 2**28
+# OpenCV refuses more than this itself (CV_IO_MAX_IMAGE_PIXELS) and more than 2**20 pixels a side
+# (CV_IO_MAX_IMAGE_WIDTH / HEIGHT); a higher limit of ours could never be decoded.
+OPENCV_MAX_IMAGE_PIXELS = 2**30
+MAX_IMAGE_SIDE = 2**20
+# Our check replaces Pillow's (a warning from 89M pixels, an error from twice that): it applies to every
+# image read here, the only place that opens images with Pillow, names the size and follows
+# set_max_image_pixels, whereas Pillow's would refuse images under a raised limit.
+Image.MAX_IMAGE_PIXELS = None
+
+# Pillow's format name -> the name in messages: what OpenCV decodes and the SDK accepts (it also takes
+# AVIF and HEIC; OpenCV reads no HEIC, and AVIF orientation boxes are not EXIF, so both are refused).
+# MPO is a multi-picture JPEG; OpenCV decodes its first picture.
+ACCEPTED_FORMATS = {"PNG": "PNG", "JPEG": "JPEG", "MPO": "JPEG", "WEBP": "WebP", "TIFF": "TIFF", "BMP": "BMP"}
+ACCEPTED_NAMES = ", ".join(dict.fromkeys(ACCEPTED_FORMATS.values()))
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _ORIENTATION_TAG = 0x0112
 # EXIF orientations 5..8 are a transpose or a 90-degree turn, so the decoded image has the
 # header's width and height exchanged; 1..4 only flip or turn by 180 degrees.
 _SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
+_TIFF_WIDTH, _TIFF_LENGTH = 256, 257
+# Orientation sits in the first IFD, at the start of an eXIf chunk; the rest is not read.
+_MAX_EXIF_BYTES = 1 << 20
+
+_max_pixels = DEFAULT_MAX_IMAGE_PIXELS
+
+
+def set_max_image_pixels(pixels: int) -> None:
+    """The most pixels (width x height) an image, a bitmap or an annotation's size may have, in this process."""
+    global _max_pixels
+    if isinstance(pixels, bool) or not isinstance(pixels, int) or not 1 <= pixels <= OPENCV_MAX_IMAGE_PIXELS:
+        raise TaskError(
+            f"{pixels!r} is not a pixel count from 1 to {OPENCV_MAX_IMAGE_PIXELS} (OpenCV's own limit)",
+            where="max_image_pixels",
+        )
+    _max_pixels = pixels
+
+
+def max_image_pixels() -> int:
+    return _max_pixels
+
+
+def check_image_pixels(width: int, height: int, what: str, where: object) -> None:
+    """TaskError naming `what` (e.g. "the image"), its size and the limit when width x height is over
+    max_image_pixels() or a side over OpenCV's limit; called before anything of that size is allocated."""
+    if width * height > _max_pixels:
+        limit = (
+            f"the limit of {_max_pixels} pixels (max_image_pixels in task_config.json; --max-image-pixels "
+            "for `sly-unet masks` and `evaluate`)"
+        )
+    elif max(width, height) > MAX_IMAGE_SIDE:
+        limit = f"OpenCV's limit of {MAX_IMAGE_SIDE} pixels a side"
+    else:
+        return
+    raise TaskError(f"{what} is {width}x{height} (width x height) = {width * height} pixels, over {limit}", where=where)
+
+
+def check_png_chunks(file: BinaryIO, what: str, where: object) -> None:
+    """TaskError naming `what` when a chunk of the PNG declares more bytes than the file holds."""
+    for _ in _png_chunks(file, what, where):
+        pass
 
 
 def read_image(path: Path) -> np.ndarray:
-    """RGB uint8 (H, W, 3), decoded by OpenCV as the SDK does (grey and alpha images become 3 channels)."""
+    """RGB uint8 (H, W, 3), decoded by OpenCV as the SDK does (grey, 16-bit, palette, alpha and CMYK images
+    become 3 channels of 8 bits); the file is read once, and its header checked before decoding."""
     try:
-        # np.fromfile + imdecode rather than imread: the error then tells a missing file from a bad one.
-        data = np.fromfile(path, dtype=np.uint8)
+        data = Path(path).read_bytes()
     except OSError as exc:
         raise TaskError(f"the image cannot be read: {exc.strerror or exc}", where=path) from None
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    # The header checked is that of the very bytes decoded below.
+    file = io.BytesIO(data)
+    with _open(file, path) as img:
+        _checked_size(img, path)
+        if img.format == "PNG":
+            check_png_chunks(file, "the image", path)
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if image is None:
-        raise TaskError("the image cannot be decoded (corrupt or unsupported format)", where=path)
+        raise TaskError("the image cannot be decoded (corrupt or truncated)", where=path)
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
 def read_image_size(path: Path) -> tuple[int, int]:
-    """(height, width) of read_image(path), from the header and the EXIF orientation tag.
-
-    JPEG, WebP and TIFF keep both in the header, so no pixel is decoded. Pillow decodes a PNG that
-    has no eXIf chunk before its pixels, because OpenCV applies one placed after them too.
-    """
+    """(height, width) of read_image(path), from the header and the EXIF orientation tag; no pixel is decoded."""
     try:
-        with Image.open(path) as img:
-            width, height = img.size
-            orientation = img.getexif().get(_ORIENTATION_TAG)
-    except Exception as exc:  # PIL raises many types for broken files
-        raise TaskError(f"the image cannot be read: {exc}", where=path) from exc
+        with open(path, "rb") as file, _open(file, path) as img:
+            width, height = _checked_size(img, path)
+            # Pillow decodes a whole PNG to look for an eXIf chunk after the pixels (OpenCV applies one
+            # there too); the chunk headers tell the same without decoding.
+            orientation = _png_orientation(file, path) if img.format == "PNG" else img.getexif().get(_ORIENTATION_TAG)
+    except TaskError:
+        raise
+    except OSError as exc:
+        raise TaskError(f"the image cannot be read: {exc.strerror or exc}", where=path) from None
+    except Exception as exc:  # Pillow raises many types for broken metadata
+        raise TaskError(f"the image cannot be read: {exc}", where=path) from None
     if orientation in _SWAPPING_ORIENTATIONS:
         return width, height
     return height, width
+
+
+def _open(file: BinaryIO, where: Path) -> Image.Image:
+    """The image opened lazily: only its header is read."""
+    try:
+        return Image.open(file)
+    except Exception as exc:  # Pillow raises many types for broken files
+        # "cannot identify image file <_io.BytesIO ...>" says no more than the message below.
+        detail = "" if isinstance(exc, UnidentifiedImageError) else f" ({exc})"
+        raise TaskError(
+            f"the image cannot be read: it is not an image in an accepted format ({ACCEPTED_NAMES}), "
+            f"or it is corrupt, so it cannot be decoded{detail}",
+            where=where,
+        ) from None
+
+
+def _checked_size(img: Image.Image, where: Path) -> tuple[int, int]:
+    """(width, height) as stored, before orientation; TaskError unless the format is accepted and the
+    size within the limits."""
+    if img.format not in ACCEPTED_FORMATS:
+        raise TaskError(f"the image is a {img.format} file; the accepted formats are {ACCEPTED_NAMES}", where=where)
+    # Pillow already swaps a TIFF's size for its orientation; the tags hold it as stored.
+    width, height = (img.tag_v2[_TIFF_WIDTH], img.tag_v2[_TIFF_LENGTH]) if img.format == "TIFF" else img.size
+    check_image_pixels(width, height, "the image", where)
+    return width, height
+
+
+def _png_chunks(file: BinaryIO, what: str, where: object) -> Iterator[tuple[bytes, int]]:
+    """(type, length) of each chunk up to IEND, the file at the chunk's data; lengths checked first, since
+    OpenCV 5 allocates what a chunk declares: a 200-byte file whose IDAT claims 3 GB takes 3 GB."""
+    end = file.seek(0, io.SEEK_END)
+    position = file.seek(len(PNG_SIGNATURE))
+    while position + 8 <= end:
+        length, kind = struct.unpack(">I4s", file.read(8))
+        if length + 12 > end - position:  # length, type, data, CRC
+            raise TaskError(
+                f"{what} is corrupt or truncated: its {kind.decode('latin-1')!r} chunk declares {length} bytes, "
+                f"and {max(end - position - 12, 0)} follow",
+                where=where,
+            )
+        if kind == b"IEND":
+            return
+        yield kind, length
+        position = file.seek(position + 12 + length)
+
+
+def _png_orientation(file: BinaryIO, where: Path) -> int | None:
+    """The orientation in the first eXIf chunk of a PNG, wherever it lies, read chunk header by chunk header."""
+    exif = None
+    for kind, length in _png_chunks(file, "the image", where):
+        if kind == b"eXIf" and exif is None:
+            exif = file.read(min(length, _MAX_EXIF_BYTES))
+    if exif is None:
+        return None
+    parsed = Image.Exif()
+    parsed.load(b"Exif\x00\x00" + exif)
+    return parsed.get(_ORIENTATION_TAG)

@@ -10,8 +10,16 @@ import numpy as np
 
 from plugin.format.classes import ClassMapping, build_mapping
 from plugin.format.geometry import draw
-from plugin.format.project import Annotation, find_project, list_items, read_annotation, read_meta
-from plugin.jsonfile import write_json
+from plugin.format.images import read_image_size
+from plugin.format.project import (
+    Annotation,
+    check_image_size,
+    find_project,
+    list_items,
+    read_annotation,
+    read_meta,
+)
+from plugin.jsonfile import refuse_symlink, write_file, write_json
 
 
 def rasterize(ann: Annotation, mapping: ClassMapping) -> np.ndarray:
@@ -32,16 +40,19 @@ def draw_labels(ann: Annotation, index_of: Callable[[str], int | None]) -> np.nd
 
 def write_masks(project_dir: Path, out_dir: Path, background: str, neutral: str) -> int:
     """OUT/<dataset>/<image file name>.png for every image, plus OUT/class_title_to_idx.json (neutral
-    included); returns the number of masks written. project_dir may also be a folder holding one project."""
+    included); returns the number of masks written. project_dir may also be a folder holding one project.
+    Each annotation is checked against its image's size, as training checks it; nothing is written
+    through a symbolic link (OUT, its dataset folders and files)."""
     project_dir, out_dir = find_project(Path(project_dir)), Path(out_dir)
+    refuse_symlink(out_dir)
     meta = read_meta(project_dir)
     mapping = build_mapping(meta, background, neutral)
     items = list_items(project_dir)
     for item in items:
-        mask = rasterize(read_annotation(item.ann_path, meta), mapping)
-        target = out_dir / item.dataset / f"{item.name}.png"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(cv2.imencode(".png", mask)[1].tobytes())
-    out_dir.mkdir(parents=True, exist_ok=True)
+        ann = read_annotation(item.ann_path, meta)
+        check_image_size(item, ann, *read_image_size(item.image_path))
+        mask = rasterize(ann, mapping)
+        refuse_symlink(out_dir / item.dataset)
+        write_file(out_dir / item.dataset / f"{item.name}.png", cv2.imencode(".png", mask)[1].tobytes())
     write_json(out_dir / "class_title_to_idx.json", mapping.with_neutral())
     return len(items)

@@ -14,11 +14,13 @@ from pathlib import Path
 
 from plugin.errors import TaskError
 from plugin.format.geometry import Geometry, crop_to_image, object_shape, parse_geometry
+from plugin.format.images import ACCEPTED_NAMES, check_image_pixels
 from plugin.jsonfile import read_json
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".mpo", ".bmp", ".png", ".webp", ".tiff", ".tif"})
+# The SDK's image extensions that OpenCV decodes; the format itself is then checked by content (images.py).
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jfif", ".mpo", ".bmp", ".png", ".webp", ".tiff", ".tif"})
 
 # Classes whose objects were skipped as not drawable; the warning is for the class, once per process,
 # not for each of its (possibly thousands of) objects.
@@ -140,6 +142,8 @@ def parse_annotation(doc: dict, meta: ProjectMeta, path: Path) -> Annotation:
     width = size.get("width") if isinstance(size, dict) else None
     if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (height, width)):
         raise TaskError("'size' must be {\"height\": H, \"width\": W} with positive integers", where=path)
+    # Masks of this size are allocated from it, before any image is compared with it.
+    check_image_pixels(width, height, "the annotation's 'size'", path)
     objects = doc.get("objects")
     if not isinstance(objects, list):
         raise TaskError("'objects' must be a list", where=path)
@@ -175,12 +179,18 @@ def check_image_size(item: Item, ann: Annotation, height: int, width: int) -> No
 
 
 def link_or_copy(src: Path, dst: Path) -> None:
-    """Put src at dst as a hard link (no copy of a large image), or as a copy across file systems."""
+    """Put the file src names at dst as a hard link (no copy of a large image), or as a copy where no link
+    can be made (another file system). dst must not exist: nothing is written through what is there."""
     dst.parent.mkdir(parents=True, exist_ok=True)
+    # os.link on Linux links a symlink itself, not its target: the output would hold a link that
+    # dangles or points back into the input.
+    target = os.path.realpath(src)
     try:
-        os.link(src, dst)
+        os.link(target, dst)
+    except FileExistsError:
+        raise TaskError("the output file already exists", where=dst) from None
     except OSError:
-        shutil.copy2(src, dst)
+        shutil.copy2(target, dst)
 
 
 def _meta_tags(raw: dict, path: Path) -> list[dict]:
@@ -243,6 +253,19 @@ def _dataset_items(dataset: str, img_dir: Path, ann_dir: Path) -> list[Item]:
             where=missing[0],
         )
     orphans = sorted(path for name, path in annotations.items() if name not in claimed)
+    # What an orphan's image would be (current exports' naming), when it is there but not an image.
+    named = [img_dir / path.name[: -len(".json")] for path in orphans]
+    dangling = [path for path in named if path.is_symlink() and not path.exists()]
+    if dangling:
+        target = os.readlink(dangling[0])
+        raise TaskError(f"the image is a symbolic link to {target}, which does not exist", where=dangling[0])
+    unaccepted = [path for path in named if path.is_file()]
+    if unaccepted:
+        raise TaskError(
+            f"{unaccepted[0].suffix or 'no extension'} is not an image extension (the accepted ones are "
+            f"{', '.join(sorted(IMAGE_EXTENSIONS))}, for the formats {ACCEPTED_NAMES}){_and_more(unaccepted)}",
+            where=unaccepted[0],
+        )
     if orphans:
         raise TaskError(f"the annotation has no image in img/{_and_more(orphans)}", where=orphans[0])
     return items

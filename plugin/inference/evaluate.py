@@ -29,8 +29,9 @@ import torch
 
 from plugin.errors import TaskError
 from plugin.format.classes import NEUTRAL_INDEX, ClassMapping, build_mapping, titles_by_index
+from plugin.format.images import read_image_size
 from plugin.format.masks import draw_labels, rasterize
-from plugin.format.project import find_project, list_items, read_annotation, read_meta
+from plugin.format.project import check_image_size, find_project, list_items, read_annotation, read_meta
 from plugin.jsonfile import write_json
 from plugin.nn.metrics import confusion_matrix, summarize
 
@@ -44,6 +45,7 @@ def evaluate_projects(
 
     Each directory may be a project or a folder holding one. Images are matched by (dataset, image file
     name); a ground-truth image without its prediction is an error, extra prediction images are counted.
+    A ground-truth annotation must give its image's size (read from the header), as training requires.
     """
     gt_project, pred_project = find_project(Path(gt_dir)), find_project(Path(pred_dir))
     gt_meta, pred_meta = read_meta(gt_project), read_meta(pred_project)
@@ -71,6 +73,8 @@ def evaluate_projects(
     cm = torch.zeros((n, n), dtype=torch.int64)
     for item in gt_items:
         gt_ann = read_annotation(item.ann_path, gt_meta)
+        # The ground truth is held to what training checks; the prediction is then held to it.
+        check_image_size(item, gt_ann, *read_image_size(item.image_path))
         pred_item = pred_items[(item.dataset, item.name)]
         pred_ann = read_annotation(pred_item.ann_path, pred_meta)
         if (pred_ann.height, pred_ann.width) != (gt_ann.height, gt_ann.width):

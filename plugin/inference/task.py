@@ -21,7 +21,7 @@ from plugin.config import read_inference_config
 from plugin.errors import TaskError
 from plugin.format.classes import BACKGROUND_COLOR
 from plugin.format.geometry import Bitmap, Rectangle, bitmap_to_json
-from plugin.format.images import read_image
+from plugin.format.images import read_image, set_max_image_pixels
 from plugin.format.project import (
     Item,
     ProjectMeta,
@@ -34,7 +34,7 @@ from plugin.format.project import (
 )
 from plugin.inference import modes
 from plugin.inference.predictor import Predictor, load_predictor
-from plugin.jsonfile import read_json, write_json
+from plugin.jsonfile import read_json, refuse_symlink, write_json
 from plugin.settings import MATCH_ALL, Mode
 from plugin.task_dir import TaskDir
 
@@ -62,20 +62,29 @@ class InferSummary:
 
 def infer_task(task: TaskDir) -> InferSummary:
     """Run the whole inference task of a task dir; raises TaskError on bad input."""
-    agent_log.add_log_file(task.tmp_dir / "inference_log.jsonl")
+    log_path = task.tmp_dir / "inference_log.jsonl"
+    # Everything is written below results/ and tmp/; a symbolic link on the way would send it elsewhere.
+    for path in (task.results_dir, task.tmp_dir, log_path):
+        refuse_symlink(path)
+    agent_log.add_log_file(log_path)
     config = read_inference_config(task.config_path)
+    set_max_image_pixels(config.max_image_pixels)
+    project_dir = find_project(task.data_dir)
+    staging = task.tmp_dir / f"{project_dir.name}.partial"
+    output = task.results_dir / project_dir.name
+    # Checked before the model loads, so that a bad output path fails at once.
+    for path in (staging, output):
+        refuse_symlink(path)
     mode = config.mode
     predictor = load_predictor(task.model_dir, config.gpu_device, mode.tta)
     if mode.name == "sliding_window":
         # Resolved once, so that a window at the wrong scale is warned about once, not per image.
         window, overlap = modes.window_plan(predictor, mode.window, mode.min_overlap)
         mode = replace(mode, window=window, min_overlap=overlap)
-    project_dir = find_project(task.data_dir)
     meta = read_meta(project_dir)
     plan = plan_output(mode, predictor, meta)
     items = list_items(project_dir)
 
-    staging = task.tmp_dir / f"{project_dir.name}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     write_json(staging / "meta.json", {**meta.raw, "classes": list(meta.raw.get("classes", [])) + plan.new_classes})
     allowed, skipped, objects = config.allow_corrupted_images, 0, 0
@@ -93,7 +102,6 @@ def infer_task(task: TaskDir) -> InferSummary:
         objects += apply_to_item(item, image, predictor, mode, meta, plan, staging)
         progress.tick()
 
-    output = task.results_dir / project_dir.name
     output.parent.mkdir(parents=True, exist_ok=True)
     if output.exists():
         shutil.rmtree(output)
@@ -186,7 +194,10 @@ def apply_to_item(
     new_objects = [*_box_objects(plan, prediction), *_class_objects(prediction, plan)]
     out_doc = {**doc, "objects": list(doc.get("objects", [])) + new_objects}
     if mode.save_probabilities:
-        out_doc["customBigData"] = {**(doc.get("customBigData") or {}), **_probabilities(prediction, plan, predictor)}
+        big_data = doc.get("customBigData") or {}
+        if not isinstance(big_data, dict):
+            raise TaskError("'customBigData' must be a JSON object to add the probabilities to", where=item.ann_path)
+        out_doc["customBigData"] = {**big_data, **_probabilities(prediction, plan, predictor)}
     write_json(out_dir / item.dataset / "ann" / f"{item.name}.json", out_doc)
     link_or_copy(item.image_path, out_dir / item.dataset / "img" / item.name)
     return len(new_objects)

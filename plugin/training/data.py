@@ -80,8 +80,10 @@ class CorruptionBudget:
             self.counter.value += 1
             used = self.counter.value
         if used > self.allowed:
+            # A TaskError's own text: `where` names the file once, not twice.
+            text = error.message if isinstance(error, TaskError) else str(error)
             raise TaskError(
-                f"{error}; more than allow_corrupted_samples.{self.split} = {self.allowed} corrupted samples "
+                f"{text}; more than allow_corrupted_samples.{self.split} = {self.allowed} corrupted samples "
                 f"in the {self.split} split",
                 where=where,
             ) from error

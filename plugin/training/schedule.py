@@ -1,4 +1,4 @@
-"""When to validate, and how the optimizer and its learning rate are set up and moved during a run.
+"""When to validate and when to end, and how the optimizer and its learning rate are set up and moved during a run.
 
 The learning rate of step s (0-based, counted over epochs * iters_per_epoch) is
 `LrSchedule.lr_at(s) * LrPolicy.scale`: a linear warmup, then a per-iteration decay (poly or cosine),
@@ -8,12 +8,15 @@ or no decay for "plateau", whose divisions come from LrPolicy at the validations
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from plugin.settings import TrainConfig
+from plugin.errors import TaskError
+from plugin.nn.metrics import summarize
+from plugin.settings import EarlyStoppingRule, TrainConfig
 
 # nnU-Net's exponent: lr * (1 - progress) ** 0.9.
 POLY_POWER = 0.9
@@ -34,14 +37,20 @@ class EvalPlanner:
     done: int = 0
 
     def due(self, epoch: int, iteration: int) -> bool:
-        """Whether to validate after `iteration` (0-based) of `epoch` (0-based)."""
-        progress = epoch + (iteration + 1) / self.iters_per_epoch
-        count = math.floor(progress / self.val_every + 1e-9)
+        """Whether to validate after `iteration` (0-based) of `epoch` (0-based); `mark` records that it was done.
+
+        Kept apart so that a validation cut short by a stop signal is still due when the run resumes.
+        """
         last = epoch == self.epochs - 1 and iteration == self.iters_per_epoch - 1
-        if count > self.done or last:
-            self.done = max(count, self.done + 1)
-            return True
-        return False
+        return self._count(epoch, iteration) > self.done or last
+
+    def mark(self, epoch: int, iteration: int) -> None:
+        """Record a validation after `iteration` of `epoch`."""
+        self.done = max(self._count(epoch, iteration), self.done + 1)
+
+    def _count(self, epoch: int, iteration: int) -> int:
+        progress = epoch + (iteration + 1) / self.iters_per_epoch
+        return math.floor(progress / self.val_every + 1e-9)
 
 
 @dataclass
@@ -83,17 +92,70 @@ class LrSchedule:
     total_steps: int
     warmup_steps: int
 
-    def lr_at(self, step: int) -> float:
-        """The LR of optimizer step `step` (0-based over the whole run)."""
+    def lr_at(self, step: int, budget_used: float = 0.0) -> float:
+        """The LR of optimizer step `step` (0-based over the whole run).
+
+        `budget_used` is the share of time_budget_minutes spent: when it is ahead of the share of the
+        steps, the decay follows it, so a run that the budget ends early still ends at a low LR.
+        """
         if step < self.warmup_steps:
             # (step + 1): the first step already moves the weights, at base_lr / warmup_steps.
             return self.base_lr * (step + 1) / self.warmup_steps
         if self.name == "plateau":
             return self.base_lr
         t = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
+        t = min(max(t, budget_used), 1.0)
         if self.name == "poly":
             return self.base_lr * (1.0 - t) ** POLY_POWER
         return self.base_lr * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+@dataclass
+class EarlyStopping:
+    """`rule.patience` validations in a row without a better `rule.metric` end the run."""
+
+    rule: EarlyStoppingRule
+    best: float | None = None
+    waited: int = 0
+
+    def step(self, metrics: dict[str, float]) -> bool:
+        """Record a validation's metrics; True when the run should end."""
+        value = metrics.get(self.rule.metric)
+        if value is None or not math.isfinite(value):
+            self.waited += 1
+        elif self.best is None or (value < self.best if self.rule.lower_is_better else value > self.best):
+            self.best, self.waited = value, 0
+        else:
+            self.waited += 1
+        return self.waited >= self.rule.patience
+
+
+def check_metric(metric: str, titles: list[str]) -> None:
+    """early_stopping.metric must be a val metric of this model's classes."""
+    names = ["loss", *summarize(torch.zeros(len(titles), len(titles), dtype=torch.int64), titles)]
+    if metric not in names:
+        raise TaskError(f"{metric!r} is not a val metric of this model; use one of {', '.join(names)}",
+                        where="early_stopping.metric")
+
+
+@dataclass
+class TimeBudget:
+    """time_budget_minutes: training seconds spent over every part of a resumed run, and whether the
+    next step (and the validation that must follow it) still fits."""
+
+    seconds: float | None  # None: no budget, the clock only counts
+    spent_before: float = 0.0  # by the earlier parts of a resumed run
+    started: float = field(default_factory=time.monotonic)
+
+    def spent(self) -> float:
+        return self.spent_before + time.monotonic() - self.started
+
+    def used(self) -> float:
+        """The share of the budget spent (0 without a budget)."""
+        return 0.0 if self.seconds is None else self.spent() / self.seconds
+
+    def fits(self, step_s: float, final_s: float) -> bool:
+        return self.seconds is None or self.spent() + step_s + final_s <= self.seconds
 
 
 def lr_schedule(config: TrainConfig, iters_per_epoch: int) -> LrSchedule:

@@ -11,21 +11,21 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DistributedSampler
 
 from plugin import agent_log
 from plugin.config import read_train_config
 from plugin.errors import TaskError
 from plugin.format.classes import NEUTRAL_INDEX, ClassMapping, build_mapping, check_continue_training, titles_by_index
+from plugin.format.images import set_max_image_pixels
 from plugin.format.project import ProjectMeta, find_project, list_items, read_meta
-from plugin.jsonfile import read_json
+from plugin.jsonfile import read_json, refuse_symlink
 from plugin.nn.devices import WorldPlan, plan_world
 from plugin.nn.losses import resolve_class_weights
 from plugin.nn.model import build_model
 from plugin.nn.weights import CONFIG_NAME, WEIGHTS_NAME, load_continue, load_state_dict, load_transfer
 from plugin.settings import Scale, TrainConfig
 from plugin.task_dir import TaskDir
-from plugin.training import distributed
+from plugin.training import distributed, stop
 from plugin.training.augment import build_augmenter
 from plugin.training.checkpoints import CheckpointWriter
 from plugin.training.data import (
@@ -39,14 +39,19 @@ from plugin.training.data import (
 )
 from plugin.training.distributed import DistContext
 from plugin.training.loop import TrainSummary, fit
+from plugin.training.sampler import EpochSampler
+from plugin.training.state import Fingerprint, fingerprint, load_state, save_state
 
 log = logging.getLogger(__name__)
 
 
 def train_task(task: TaskDir) -> TrainSummary:
-    """Run the whole train task of a task dir, in one process or several; raises TaskError on bad input."""
+    """Run the whole train task of a task dir, in one process or several; raises TaskError on bad input
+    and Stopped after a stop signal (the resume state written)."""
+    stop.install()
     distributed.quiet_other_ranks()
     if distributed.env_rank() == 0:
+        refuse_output_links(task)
         agent_log.add_log_file(task.tmp_dir / "train_log.jsonl")
     config = read_train_config(task.config_path)
     world = plan_world(list(config.gpu_devices), config.cpu_processes)
@@ -58,13 +63,19 @@ def train_task(task: TaskDir) -> TrainSummary:
 
 def train_rank(ctx: DistContext, task: TaskDir, config: TrainConfig, world: WorldPlan) -> TrainSummary:
     """One process's part of the train task."""
+    stop.install()
     if ctx.is_main:
         agent_log.add_log_file(task.tmp_dir / "train_log.jsonl")
+    set_max_image_pixels(config.max_image_pixels)
     device = world.device(ctx.local_rank)
     project_dir, meta, mapping = read_project(task, config)
-    initial_weights = read_initial_weights(task.model_dir, config.weights_init_type, mapping)
+    items = list_items(project_dir)
+    run_fingerprint = fingerprint(config.raw, project_dir, items)
+    resume = distributed.broadcast_from_main(read_resume_state(task, config, run_fingerprint) if ctx.is_main else None)
+    # A resumed run takes its weights from the state; model/ only starts a new one.
+    initial_weights = None if resume else read_initial_weights(task.model_dir, config.weights_init_type, mapping)
 
-    splits = split_items(list_items(project_dir), config.train_tag, config.val_tag)
+    splits = split_items(items, config.train_tag, config.val_tag)
     train_data = build_dataset("train", splits["train"], meta, mapping, config)
     val_data = build_dataset("val", splits["val"], meta, mapping, config)
     titles = titles_by_index(mapping.title_to_idx)
@@ -73,11 +84,9 @@ def train_rank(ctx: DistContext, task: TaskDir, config: TrainConfig, world: Worl
         by_title = dict(zip(titles, class_weights))
         log.info("class_weights auto (median frequency over the train masks): "
                  + ", ".join(f"{t} {w:.3g}" for t, w in by_title.items()), extra={"class_weights": by_title})
-    # DistributedSampler for every world size, so the global batch of step i holds the same samples
-    # whatever the number of processes (rank r takes every world-th index of one seeded permutation).
-    train_sampler = DistributedSampler(
-        train_data, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=config.seed, drop_last=False
-    )
+    # One sampler for every world size, so the global batch of step i holds the same samples whatever
+    # the number of processes (rank r takes every world-th index of one seeded permutation).
+    train_sampler = EpochSampler(len(train_data), ctx.rank, ctx.world_size, config.seed)
     val_indices, val_real = val_shard(len(val_data), ctx.rank, ctx.world_size)
     loaders = {
         "train": make_loader(train_data, config.batch_size.train, config.data_workers.train, sampler=train_sampler),
@@ -91,8 +100,38 @@ def train_rank(ctx: DistContext, task: TaskDir, config: TrainConfig, world: Worl
     torch.manual_seed(config.seed)
     model = build_model(mapping.num_classes)
     apply_initial_weights(model, initial_weights, config.weights_init_type, task.model_dir / WEIGHTS_NAME)
-    writer = CheckpointWriter(task.results_dir, task.tmp_dir / "checkpoints") if ctx.is_main else None
-    return fit(model, loaders, config, mapping, device, writer, ctx, val_real, class_weights)
+    writer = None
+    save = None
+    if ctx.is_main:
+        writer = CheckpointWriter(task.results_dir, task.tmp_dir / "checkpoints", config.keep_checkpoints)
+
+        def save(state: dict) -> int:
+            return save_state(task.state_path, state, run_fingerprint)
+
+    summary = fit(model, loaders, config, mapping, device, writer, ctx, val_real, class_weights, resume, save)
+    if ctx.is_main and task.state_path.exists():
+        # The run is complete: the next run on this task dir is a new one.
+        task.state_path.unlink()
+        task.state_path.parent.rmdir()
+        log.info(f"training finished ({summary.end}); the resume state {task.state_path} is removed")
+    return summary
+
+
+def refuse_output_links(task: TaskDir) -> None:
+    """Training writes below results/ and tmp/ only: a symbolic link on the way would send it elsewhere."""
+    for path in (task.results_dir, task.tmp_dir, task.tmp_dir / "train_log.jsonl", task.tmp_dir / "checkpoints",
+                 task.state_path.parent, task.state_path):
+        refuse_symlink(path)
+
+
+def read_resume_state(task: TaskDir, config: TrainConfig, run_fingerprint: Fingerprint) -> dict | None:
+    """The resume state to continue from, or None for a fresh run (resume never, no state, another run's)."""
+    if not config.resume:
+        if task.state_path.exists():
+            log.info(f"resume is never: the resume state {task.state_path} is ignored, and replaced at the "
+                     "first checkpoint")
+        return None
+    return load_state(task.state_path, run_fingerprint)
 
 
 def read_project(task: TaskDir, config: TrainConfig) -> tuple[Path, ProjectMeta, ClassMapping]:
@@ -148,9 +187,14 @@ def build_dataset(
     whole = split == "val" and scale.crops
     budget = CorruptionBudget.create(split, config.allow_corrupted_samples.of(split))
     progress = agent_log.Progress(f"Preparing {split} masks: ", len(items))
+
+    def on_item() -> None:
+        progress.tick()
+        stop.check()  # rasterizing a large project takes minutes: a stop need not wait for it
+
     # Crop training keeps masks at the crop scale, its validation at the images' own size.
     mask_size = (1.0 if whole else scale.factor) if scale.crops else size
-    kept, masks = prepare_masks(items, meta, mapping, mask_size, budget, on_item=progress.tick)
+    kept, masks = prepare_masks(items, meta, mapping, mask_size, budget, on_item=on_item)
     if not kept:
         raise TaskError(f"every sample of the {split} split is corrupted", where=f"dataset_tags.{split}")
     if whole:
