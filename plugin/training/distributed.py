@@ -212,10 +212,12 @@ def _spawn(world: WorldPlan, fn: Callable[..., Any], args: tuple) -> Any:
         if stop.requested() is None:
             raise _first_failure(reports, error) from None
     reported = _drain(reports)
-    signum = stop.requested() or next((payload for kind, _, payload in reported if kind == "stopped"), None)
+    stops = {rank: payload for kind, rank, payload in reported if kind == "stopped"}
+    signum = stop.requested() or next((s for s, _ in stops.values()), None)
     if signum is not None:
         stopped = Stopped(signum)
-        stopped.logged = True  # rank 0 logged the stop line
+        # Rank 0 logged the stop line if it was training; a stop before that is the caller's to log.
+        stopped.logged = stops.get(0, (signum, False))[1]
         raise stopped
     for kind, rank, payload in reported:
         if kind == "result" and rank == 0:
@@ -282,7 +284,7 @@ def _spawned_rank(
     except Stopped as stopped:
         # Exit 0: a non-zero exit would make the launcher terminate the other ranks, rank 0 perhaps
         # while it writes the resume state. The launcher exits 128 + signum for all of them.
-        reports.put(("stopped", rank, stopped.signum))
+        reports.put(("stopped", rank, (stopped.signum, stopped.logged)))
         return
     except Exception as error:
         stack = agent_log.stack_lines(error)[-_MAX_STACK_LINES:]

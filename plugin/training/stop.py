@@ -57,6 +57,14 @@ def install(on_first: Callable[[int], None] | None = None, on_second: Callable[[
         signal.signal(signum, handle)
 
 
+def uninstall() -> None:
+    """Python's own handling of SIGTERM and SIGINT again, and no stop requested."""
+    global _requested
+    _requested = None
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def requested() -> int | None:
     """The stop signal received, if any."""
     return _requested

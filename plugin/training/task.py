@@ -49,16 +49,20 @@ def train_task(task: TaskDir) -> TrainSummary:
     """Run the whole train task of a task dir, in one process or several; raises TaskError on bad input
     and Stopped after a stop signal (the resume state written)."""
     stop.install()
-    distributed.quiet_other_ranks()
-    if distributed.env_rank() == 0:
-        refuse_output_links(task)
-        agent_log.add_log_file(task.tmp_dir / "train_log.jsonl")
-    config = read_train_config(task.config_path)
-    world = plan_world(list(config.gpu_devices), config.cpu_processes)
-    if world.world_size > 1 and not distributed.under_torchrun():
-        log.info(f"training with {world.world_size} processes ({world.backend})",
-                 extra={"world_size": world.world_size, "backend": world.backend})
-    return distributed.launch(world, train_rank, (task, config, world))
+    try:
+        distributed.quiet_other_ranks()
+        if distributed.env_rank() == 0:
+            refuse_output_links(task)
+            agent_log.add_log_file(task.tmp_dir / "train_log.jsonl")
+        config = read_train_config(task.config_path)
+        world = plan_world(list(config.gpu_devices), config.cpu_processes)
+        if world.world_size > 1 and not distributed.under_torchrun():
+            log.info(f"training with {world.world_size} processes ({world.backend})",
+                     extra={"world_size": world.world_size, "backend": world.backend})
+        return distributed.launch(world, train_rank, (task, config, world))
+    finally:
+        # What runs after training in this process (the demo's inference) gets Ctrl-C back.
+        stop.uninstall()
 
 
 def train_rank(ctx: DistContext, task: TaskDir, config: TrainConfig, world: WorldPlan) -> TrainSummary:
