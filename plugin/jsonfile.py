@@ -8,6 +8,7 @@ import errno
 import json
 import os
 from pathlib import Path
+from typing import BinaryIO
 
 from plugin.errors import TaskError
 
@@ -76,8 +77,14 @@ def write_json(path: Path, doc: dict) -> None:
 
 
 def write_file(path: Path, data: bytes) -> None:
-    """Write data to path, creating the folder; TaskError if path is a symbolic link, which is never
-    written through (O_NOFOLLOW: no window between a check and the write)."""
+    """Write data to path, creating the folder; see open_for_writing."""
+    with open_for_writing(path) as file:
+        file.write(data)
+
+
+def open_for_writing(path: Path) -> BinaryIO:
+    """`path` opened to be written from scratch (binary), its folder created; TaskError if path is a
+    symbolic link, which is never written through (O_NOFOLLOW: no window between a check and the write)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -86,8 +93,7 @@ def write_file(path: Path, data: bytes) -> None:
         if exc.errno == errno.ELOOP:
             raise TaskError(_SYMLINK_REFUSED, where=path) from None
         raise
-    with os.fdopen(fd, "wb") as file:
-        file.write(data)
+    return os.fdopen(fd, "wb")
 
 
 def refuse_symlink(path: Path) -> None:

@@ -19,7 +19,7 @@ import torch
 from plugin import agent_log
 from plugin.errors import TaskError
 from plugin.format.classes import ClassMapping
-from plugin.jsonfile import write_json
+from plugin.jsonfile import open_for_writing, refuse_symlink, write_json
 from plugin.nn.weights import CONFIG_NAME, WEIGHTS_NAME
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,7 @@ class CheckpointWriter:
         subdir = f"{self.next_id:08d}"
         final = self.results_dir / subdir
         staging = self.staging_dir / f"{subdir}.partial"
+        refuse_symlink(final)
         try:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
@@ -83,8 +84,6 @@ class CheckpointWriter:
             save_file(staging / WEIGHTS_NAME, weights)
             sizeb = sum(f.stat().st_size for f in staging.iterdir())
             self.results_dir.mkdir(parents=True, exist_ok=True)
-            if final.is_symlink():
-                raise OSError(f"{final} is a symbolic link; refusing to replace it")
             if final.exists():
                 # Only a stale folder from an earlier run can be here: the agent empties results/ first.
                 shutil.rmtree(final)
@@ -137,8 +136,7 @@ class CheckpointWriter:
 
 def save_file(path: Path, payload: object) -> None:
     """torch.save to a new file (never through a symbolic link), synced to disk before it is renamed into place."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
-    with os.fdopen(fd, "wb") as file:
+    with open_for_writing(path) as file:
         torch.save(payload, file)
         file.flush()
         os.fsync(file.fileno())

@@ -266,6 +266,8 @@ def _spawned_rank(
     args: tuple,
 ) -> None:
     _die_with_parent()
+    # A fresh process: it hears the stop signals its launcher passes on from its first line.
+    stop.install()
     view, level = log_settings
     agent_log.setup(view, level=level, errors_only=rank != 0)
     # The ranks share the machine's cores: torch's default of one thread per core in each would oversubscribe them.

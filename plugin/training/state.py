@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 
 from plugin.errors import TaskError
 from plugin.format.project import Item
+from plugin.jsonfile import refuse_symlink
 from plugin.training.checkpoints import save_file
 
 log = logging.getLogger(__name__)
@@ -166,10 +167,8 @@ def write_atomic(path: Path, payload: Any) -> None:
     a kill) sees the old file or the new one, never a part. A failed write is a TaskError naming the
     path, and the old file stays."""
     partial = _partial(path)
+    refuse_symlink(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.is_symlink():
-            raise OSError(f"{path} is a symbolic link; refusing to write through it")
         save_file(partial, payload)
         os.replace(partial, path)
         _sync_dir(path.parent)

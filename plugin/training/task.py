@@ -67,14 +67,14 @@ def train_task(task: TaskDir) -> TrainSummary:
 
 def train_rank(ctx: DistContext, task: TaskDir, config: TrainConfig, world: WorldPlan) -> TrainSummary:
     """One process's part of the train task."""
-    stop.install()
     if ctx.is_main:
         agent_log.add_log_file(task.tmp_dir / "train_log.jsonl")
     set_max_image_pixels(config.max_image_pixels)
     device = world.device(ctx.local_rank)
     project_dir, meta, mapping = read_project(task, config)
     items = list_items(project_dir)
-    run_fingerprint = fingerprint(config.raw, project_dir, items)
+    # Only rank 0 reads and writes the resume state; the others get what it read.
+    run_fingerprint = fingerprint(config.raw, project_dir, items) if ctx.is_main else None
     resume = distributed.broadcast_from_main(read_resume_state(task, config, run_fingerprint) if ctx.is_main else None)
     # A resumed run takes its weights from the state; model/ only starts a new one.
     initial_weights = None if resume else read_initial_weights(task.model_dir, config.weights_init_type, mapping)
