@@ -36,7 +36,9 @@ TRAIN_DEFAULTS: dict = {
     "batch_size": {"train": 8, "val": 8},
     "dataset_tags": {"train": "train", "val": "val"},
     # The val loader runs a small fraction of the time, so one worker keeps it from stalling training.
-    "data_workers": {"train": 2, "val": 1},
+    # The cores each training process has (training/data.py resolve_workers); a GPU step outruns any one
+    # worker's decoding and augmentation.
+    "data_workers": {"train": "auto", "val": "auto"},
     "special_classes": {"background": "bg", "neutral": "neutral"},
     "epochs": 5,
     "val_every": 0.5,
@@ -79,6 +81,12 @@ TRAIN_DEFAULTS: dict = {
     "max_nonfinite_steps": 10,
     "keep_checkpoints": None,
     "max_image_pixels": DEFAULT_MAX_IMAGE_PIXELS,
+    "amp": "auto",
+    # Off: its one-off compilation costs more than a few epochs on a small project gain.
+    "compile": False,
+    # About six points a minute keep the agent's chart smooth; a fast GPU would otherwise write dozens of
+    # lines a second, and a slow CPU step still gets a line per iteration.
+    "log_every": {"seconds": 10, "iterations": None},
 }
 
 _DEFAULT_MODE = "full_image"
@@ -92,7 +100,7 @@ _MODE_COMMON_DEFAULTS: dict = {
     "tta": False,
 }
 _MODE_DEFAULTS: dict[str, dict] = {
-    "full_image": {},
+    "full_image": {"batch_size": 8},
     "roi": {"bounds": _NO_SIDES, "save": False, "class_name": "inference_roi"},
     "bboxes": {"from_classes": MATCH_ALL, "padding": _NO_SIDES, "save": False, "add_suffix": "_input_bbox"},
     "sliding_window": {
@@ -105,7 +113,7 @@ _MODE_DEFAULTS: dict[str, dict] = {
         "batch_size": 8,
     },
 }
-_MODEL_DEFAULTS: dict = {"gpu_device": 0}
+_MODEL_DEFAULTS: dict = {"gpu_device": 0, "amp": "auto"}
 _SIDE = re.compile(r"(-?[0-9]+)(%|px)")
 
 
@@ -280,6 +288,9 @@ def _train_semantic_errors(config: dict) -> list[str]:
     if isinstance(weights, dict) and all(_is_number(weights.get(k)) for k in ("bce", "dice")):
         if weights["bce"] == 0 and weights["dice"] == 0:
             errors.append("loss_weights: bce and dice cannot both be 0")
+    every = config.get("log_every")
+    if isinstance(every, dict) and every.get("seconds") is None and every.get("iterations") is None:
+        errors.append("log_every: seconds and iterations cannot both be null")
     return errors + _augmentation_errors(config)
 
 

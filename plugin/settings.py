@@ -50,10 +50,10 @@ class Step:
 
 @dataclass(frozen=True)
 class PerSplit:
-    train: int
-    val: int
+    train: int | str  # str: data_workers "auto"
+    val: int | str
 
-    def of(self, split: str) -> int:
+    def of(self, split: str) -> int | str:
         return self.train if split == "train" else self.val
 
 
@@ -108,12 +108,19 @@ class TrainConfig:
     max_nonfinite_steps: int
     keep_checkpoints: int | None
     max_image_pixels: int
+    amp: str  # "auto", "bf16", "fp16" or "off" (nn/precision.py)
+    compile: bool
+    log_every_s: float | None
+    log_every_iterations: int | None
     raw: dict = field(compare=False, repr=False)
 
     @classmethod
     def from_dict(cls, config: dict) -> TrainConfig:
         def per_split(key: str) -> PerSplit:
-            return PerSplit(int(config[key]["train"]), int(config[key]["val"]))
+            def value(v: int | str) -> int | str:
+                return v if isinstance(v, str) else int(v)
+
+            return PerSplit(value(config[key]["train"]), value(config[key]["val"]))
 
         weights = config["class_weights"]
         budget, stopping = config["time_budget_minutes"], config["early_stopping"]
@@ -155,6 +162,10 @@ class TrainConfig:
             max_nonfinite_steps=config["max_nonfinite_steps"],
             keep_checkpoints=config["keep_checkpoints"],
             max_image_pixels=config["max_image_pixels"],
+            amp=config["amp"],
+            compile=config["compile"],
+            log_every_s=None if config["log_every"]["seconds"] is None else float(config["log_every"]["seconds"]),
+            log_every_iterations=config["log_every"]["iterations"],
             raw=config,
         )
 
@@ -188,12 +199,13 @@ class Mode:
     class_name: str | None = None  # roi, sliding_window: class of the saved regions
     window: tuple[int | None, int | None] = (None, None)  # sliding_window (width, height); None: the model's
     min_overlap: tuple[int | None, int | None] = (None, None)  # sliding_window (x, y); None: half the window
-    batch_size: int = 1  # sliding_window
+    batch_size: int = 1  # full_image: images per forward; sliding_window: windows per forward
 
 
 @dataclass(frozen=True)
 class InferenceConfig:
     gpu_device: int
+    amp: str  # "auto", "bf16", "fp16" or "off" (nn/precision.py)
     mode: Mode
     allow_corrupted_images: int
     max_image_pixels: int
@@ -204,6 +216,7 @@ class InferenceConfig:
         window, overlap = mode.get("window", {}), mode.get("min_overlap", {})
         return cls(
             gpu_device=config["model"]["gpu_device"],
+            amp=config["model"]["amp"],
             mode=Mode(
                 name=mode["name"],
                 save_classes=_names(mode["model_classes"]["save_classes"]),

@@ -67,6 +67,7 @@ def test_legacy_full_config_is_valid_and_kept(tmp_path):
                  "lr_schedule": {"name": "plateau", "warmup_epochs": 0}}
     new_keys |= {"resume": "auto", "time_budget_minutes": None, "early_stopping": {"patience": None, "metric": "loss"},
                  "max_nonfinite_steps": 10, "keep_checkpoints": None, "max_image_pixels": 2**28}
+    new_keys |= {"amp": "auto", "compile": False, "log_every": {"seconds": 10, "iterations": None}}
     assert load_train_config(write_config(tmp_path, LEGACY_FULL)) == {**LEGACY_FULL, **new_keys}
 
 
@@ -186,7 +187,7 @@ def test_unknown_top_level_key_lists_the_allowed_ones(tmp_path):
     with pytest.raises(TaskError) as info:
         load_train_config(write_config(tmp_path, {"zzz": 1}))
     [line] = problems(info.value)
-    assert line.startswith("zzz: unknown key (allowed: allow_corrupted_samples, augmentations, batch_size, ")
+    assert line.startswith("zzz: unknown key (allowed: allow_corrupted_samples, amp, augmentations, batch_size, ")
 
 
 def test_all_errors_at_once_sorted_by_path(tmp_path):

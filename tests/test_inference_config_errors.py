@@ -118,7 +118,7 @@ def test_a_key_and_its_legacy_name_together_are_an_error(tmp_path):
         ),
         (
             {"name": "full_image", "bounds": {}},
-            "mode.bounds: unknown key (allowed: model_classes, model_tags, name, save_probabilities, tta)",
+            "mode.bounds: unknown key (allowed: batch_size, model_classes, model_tags, name, save_probabilities, tta)",
         ),
         (
             {"name": "sliding_window", "padding": {}},

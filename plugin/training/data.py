@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -233,6 +234,20 @@ class WholeImageDataset(SegmentationDataset):
             return torch.zeros((1, 1, 3), dtype=torch.uint8), torch.full((1, 1), NEUTRAL_INDEX, dtype=torch.int64)
         image, mask = self.sample(index)
         return torch.from_numpy(image), torch.from_numpy(mask.astype(np.int64))
+
+
+# data_workers "auto" caps: beyond 8 workers a process's loader stops scaling (timm and nnU-Net use
+# 4 to 12); the val loader runs a small share of the time.
+AUTO_WORKER_CAP = {"train": 8, "val": 4}
+
+
+def resolve_workers(setting: int | str, split: str, processes_per_node: int) -> int:
+    """Loader workers of a data_workers value: a count as given; "auto", the cores this process may
+    run on shared among the node's training processes, at least 1 and at most AUTO_WORKER_CAP."""
+    if setting != "auto":
+        return int(setting)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(AUTO_WORKER_CAP[split], cores // max(1, processes_per_node)))
 
 
 def _limit_worker_threads(_worker_id: int) -> None:

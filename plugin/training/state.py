@@ -35,7 +35,7 @@ STATE_VERSION = 1
 # (another number of processes, a longer budget after a preemption, fewer kept checkpoints).
 OPERATIONAL_KEYS = frozenset({
     "resume", "data_workers", "gpu_devices", "cpu_processes", "time_budget_minutes", "early_stopping",
-    "max_nonfinite_steps", "keep_checkpoints", "max_image_pixels",
+    "max_nonfinite_steps", "keep_checkpoints", "max_image_pixels", "compile", "log_every",
 })
 _META = "meta.json"
 

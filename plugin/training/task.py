@@ -7,6 +7,7 @@ torchrun) every rank runs the same flow; see loop.py for what the ranks share.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -34,6 +35,7 @@ from plugin.training.data import (
     WholeImageDataset,
     make_loader,
     prepare_masks,
+    resolve_workers,
     split_items,
     val_shard,
 )
@@ -92,12 +94,14 @@ def train_rank(ctx: DistContext, task: TaskDir, config: TrainConfig, world: Worl
     # the number of processes (rank r takes every world-th index of one seeded permutation).
     train_sampler = EpochSampler(len(train_data), ctx.rank, ctx.world_size, config.seed)
     val_indices, val_real = val_shard(len(val_data), ctx.rank, ctx.world_size)
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
+    workers = {split: resolve_workers(config.data_workers.of(split), split, per_node) for split in ("train", "val")}
     loaders = {
-        "train": make_loader(train_data, config.batch_size.train, config.data_workers.train, sampler=train_sampler),
+        "train": make_loader(train_data, config.batch_size.train, workers["train"], sampler=train_sampler),
         # Whole images of any size, one per batch: batch_size.val then counts the tiles per forward.
         "val": make_loader(
             val_data, 1 if isinstance(val_data, WholeImageDataset) else config.batch_size.val,
-            config.data_workers.val, sampler=val_indices,
+            workers["val"], sampler=val_indices,
         ),
     }
 
