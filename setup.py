@@ -16,7 +16,8 @@ setup(
     packages=find_packages(include=["plugin", "plugin.*", "entrypoints", "schemas"]),
     package_data={"schemas": ["*.json"]},
     install_requires=[
-        "torch>=2.1,<3",
+        # 2.6: fused Adam(W) on the CPU with found_inf, and torch.nn.utils.get_total_norm.
+        "torch>=2.6,<3",
         "numpy>=1.24,<3",
         "opencv-python-headless>=4.8",
         "jsonschema>=4.17,<5",

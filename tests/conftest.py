@@ -25,6 +25,8 @@ TINY_CONFIG = {
     "val_every": 1,
     "lr": 0.001,
     "gpu_devices": [0],
+    # A METRICS line per iteration, as the tests read them (the default is about one per 10 s).
+    "log_every": {"seconds": None, "iterations": 1},
 }
 
 

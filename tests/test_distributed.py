@@ -25,7 +25,7 @@ from plugin.nn.weights import WEIGHTS_NAME, load_state_dict
 from plugin.training.checkpoints import legacy_state_dict
 from plugin.training.data import split_items, val_shard
 from plugin.training.distributed import DUMP_WEIGHTS_ENV, RankFailed
-from plugin.training.loop import loss_fn
+from plugin.training.step import loss_fn
 from plugin.training.sampler import EpochSampler
 from plugin.training.schedule import build_optimizer, lr_schedule, set_lr
 from plugin.training.task import apply_initial_weights, build_dataset

@@ -154,10 +154,12 @@ def test_the_decay_follows_the_budget_when_it_runs_out_first():
 
 def test_time_budget_fits_the_next_step_and_the_final_validation():
     budget = TimeBudget(100.0, spent_before=60.0, started=time.monotonic())
-    assert budget.fits(step_s=10, final_s=20)
-    assert not budget.fits(step_s=10, final_s=35)
-    assert 0.6 <= budget.used() < 0.61
-    assert TimeBudget(None).fits(1e9, 1e9) and TimeBudget(None).used() == 0.0
+    assert 60.0 <= budget.spent() < 61.0
+    # 100 s, 60 spent, 20 kept for the last validation: two steps of 10 s fit, not three.
+    assert budget.iterations_left(spent_s=60, step_s=10, final_s=20) == 2
+    assert budget.iterations_left(spent_s=60, step_s=10, final_s=35) == 0
+    assert budget.share(60.0) == 0.6
+    assert TimeBudget(None).iterations_left(1e9, 1e9, 1e9) is None and TimeBudget(None).share(5.0) == 0.0
 
 
 @pytest.mark.parametrize("metric, values, ends_at", [

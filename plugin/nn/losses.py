@@ -99,8 +99,11 @@ def multiclass_dice(logits: torch.Tensor, target: torch.Tensor, ignore_index: in
     valid = target != ignore_index
     validf = valid.unsqueeze(1).float()
     probs = F.softmax(logits.float(), dim=1) * validf
-    onehot = F.one_hot(torch.where(valid, target, 0), num_classes).permute(0, 3, 1, 2).float() * validf
-    predicted = F.one_hot(logits.argmax(1), num_classes).permute(0, 3, 1, 2).float() * validf
+    # Comparisons with the class indices rather than F.one_hot, which reads the indices' range back
+    # from the device at every call.
+    classes = torch.arange(num_classes, device=logits.device).view(1, -1, 1, 1)
+    onehot = (target.unsqueeze(1) == classes).float() * validf
+    predicted = (logits.argmax(1).unsqueeze(1) == classes).float() * validf
     dims = (0, 2, 3)
     intersection = (probs * onehot).sum(dims)[1:]
     total = (probs.sum(dims) + onehot.sum(dims))[1:]

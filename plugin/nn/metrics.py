@@ -10,21 +10,31 @@ from __future__ import annotations
 import torch
 
 
-def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
+def confusion_matrix(
+    pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int, check: bool = True
+) -> torch.Tensor:
     """Pixel counts cm[t, p] of target class t predicted as p, over pixels whose target is not ignore_index.
 
     pred and target (B, H, W) integer class indices (pred = logits.argmax(1)) -> (C, C) int64 on
     their device, rows = target, columns = prediction. Matrices are plain counts, so they are
     summable: accumulate them over batches with `+`, and across DDP processes with
     `torch.distributed.all_reduce(cm)` (the default SUM) before calling summarize.
+    `check` raises ValueError for a class index out of range; it waits for the device, so the
+    training step, whose indices are in range by construction, leaves it out.
     """
     if pred.shape != target.shape:
         raise ValueError(f"pred and target shapes differ: {tuple(pred.shape)} vs {tuple(target.shape)}")
-    valid = target != ignore_index
-    flat = target[valid].long() * num_classes + pred[valid].long()
-    counts = torch.bincount(flat, minlength=num_classes * num_classes)
-    if counts.numel() != num_classes * num_classes:
-        raise ValueError(f"class indices outside 0..{num_classes - 1} (other than ignore_index {ignore_index})")
+    if check:
+        outside = (pred < 0) | (pred >= num_classes) | ((target != ignore_index) & ((target < 0) | (target >= num_classes)))
+        if bool(outside.any()):
+            raise ValueError(f"class indices outside 0..{num_classes - 1} (other than ignore_index {ignore_index})")
+    # Ignored pixels land in one extra bin; a fixed-size scatter (unlike bincount or a boolean
+    # index, whose output size depends on the data) never waits for the device.
+    bins = num_classes * num_classes
+    flat = torch.where(target == ignore_index, bins, target.long() * num_classes + pred.long()).flatten()
+    counts = torch.zeros(bins + 1, dtype=torch.int64, device=flat.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    counts = counts[:bins]
     return counts.reshape(num_classes, num_classes)
 
 

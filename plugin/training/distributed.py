@@ -140,6 +140,13 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """In place: the maximum over all ranks (nothing to do without a process group)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
 def broadcast_from_main(value: Any) -> Any:
     """Rank 0's `value` on every rank (itself without a process group)."""
     if dist.is_initialized() and dist.get_world_size() > 1:

@@ -5,6 +5,9 @@ DistributedDataParallel. The figures that drive the run (train loss, gradient no
 loss and confusion matrix, the time budget's verdict) are summed over the ranks, so every rank
 takes the same decisions and rank 0 logs what a single process would; only rank 0 writes files.
 
+A step never waits for the device (step.py): train figures are summed on the device and read back
+once per METRICS line (window.py, about every log_every seconds), so a GPU runs ahead of Python.
+
 A run can stop at any moment and go on later as if it had not (state.py): at every checkpoint, and
 when a stop signal abandons the step in flight (stop.py), rank 0 writes the resume state as of the
 last completed step, and `fit(..., resume=state)` continues from it, sample for sample.
@@ -25,14 +28,13 @@ from torch.utils.data import DataLoader
 
 from plugin import agent_log
 from plugin.errors import Stopped
-from plugin.format.classes import NEUTRAL_INDEX, ClassMapping, titles_by_index
-from plugin.nn.losses import segmentation_loss
-from plugin.nn.metrics import confusion_matrix
+from plugin.format.classes import ClassMapping, titles_by_index
+from plugin.nn.precision import prepare_model, resolve_precision
 from plugin.settings import TrainConfig
 from plugin.training import distributed, stop
 from plugin.training.checkpoints import CheckpointWriter, checkpoint_config
 from plugin.training.distributed import DistContext
-from plugin.training.guard import NonFiniteSteps, finite_step, restore_buffers, snapshot_buffers
+from plugin.training.guard import NonFiniteSteps, restore_buffers, snapshot_buffers
 from plugin.training.sampler import EpochSampler
 from plugin.training.schedule import (
     EarlyStopping,
@@ -43,10 +45,11 @@ from plugin.training.schedule import (
     check_metric,
     lr_schedule,
     plateau_policy,
-    set_lr,
 )
 from plugin.training.state import Position, log_resume, resumed_position, rng_states, set_rng_states
+from plugin.training.step import log_precision, loss_fn, train_step
 from plugin.training.validate import batch_metrics, validate
+from plugin.training.window import TrainWindow, headline, iterations_between_lines
 
 log = logging.getLogger(__name__)
 
@@ -62,18 +65,6 @@ class TrainSummary:
     end: str = "epochs"  # or "time_budget", "early_stopping"
 
 
-def loss_fn(config: TrainConfig, num_classes: int, class_weights: list[float] | None = None):
-    """(logits, target) -> the configured loss, neutral ignored, with the resolved class weights."""
-    per_class = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32)
-
-    def compute(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return segmentation_loss(
-            logits, target, num_classes, NEUTRAL_INDEX, config.bce_weight, config.dice_weight, per_class
-        )
-
-    return compute
-
-
 def fit(
     model: nn.Module,
     loaders: dict[str, DataLoader],
@@ -87,8 +78,8 @@ def fit(
     resume: dict | None = None,
     save_state: Callable[[dict], int] | None = None,
 ) -> TrainSummary:
-    """The loop: the configured optimizer and LR schedule, per-iteration train metrics, validation and
-    a checkpoint when the planner says so, until the epochs, the time budget or early stopping end it.
+    """The loop: the configured optimizer and LR schedule, train metrics every log_every, validation
+    and a checkpoint when the planner says so, until the epochs, the time budget or early stopping end it.
 
     `writer` and `save_state` (which writes a resume state, returning its size) are None on the
     ranks that write nothing; `val_real` is how many of this rank's val samples are real (the rest
@@ -98,9 +89,13 @@ def fit(
     """
     if resume is not None:
         model.load_state_dict(resume["model"])
-    model.to(device)
+    precision = resolve_precision(config.amp, device)
+    model = prepare_model(model.to(device), precision)
     net = distributed.wrap_model(model, device, ctx, config.sync_batchnorm)
-    optimizer = build_optimizer(net, config)
+    if config.compile:
+        net = torch.compile(net)
+    optimizer = build_optimizer(model, config)
+    scaler = precision.grad_scaler()
     compute_loss = loss_fn(config, mapping.num_classes, class_weights)
     titles = titles_by_index(mapping.title_to_idx)
     sampler: EpochSampler = loaders["train"].sampler
@@ -126,6 +121,8 @@ def fit(
             stopping.best, stopping.waited = resume["early_stopping"]
         budget.spent_before = resume["train_seconds"]
         nonfinite.in_row = resume["nonfinite_in_row"]
+        if scaler is not None and resume.get("grad_scaler") is not None:
+            scaler.load_state_dict(resume["grad_scaler"])
         if writer is not None:
             writer.restore(resume["checkpoints"])
         set_rng_states(resume["rng"])
@@ -136,6 +133,7 @@ def fit(
             f"iterations of {schedule.total_steps}",
             extra={"optimizer": config.raw["optimizer"], "lr_schedule": config.raw["lr_schedule"]},
         )
+        log_precision(config, precision)
         if resume is not None:
             log_resume(resume, position, samples_per_epoch)
     ckpt_config = checkpoint_config(config.raw, mapping)
@@ -156,7 +154,10 @@ def fit(
     committed = snapshot_buffers(model)
     last_saved_step = position.step if resume is not None else -1
     validated_step = resume["validated_step"] if resume is not None else -1
-    step_s = val_s = 0.0  # the last step, data loading included, and the last validation with its writes
+    window = TrainWindow(mapping.num_classes, device)
+    # The ranks' shared clock as of the last METRICS line: training seconds spent and seconds per
+    # iteration (window.py); val_s is the last validation with its writes.
+    clock_spent, clock_step_s, val_s = budget.spent_before, 0.0, 0.0
     first_step = position.step
     end = "epochs"
 
@@ -164,12 +165,13 @@ def fit(
         return {
             "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
             "optimizer": optimizer.state_dict(),
+            "grad_scaler": None if scaler is None else scaler.state_dict(),
             "position": asdict(position),
             "planner_done": planner.done,
             "lr_policy": None if lr_policy is None else asdict(lr_policy),
             "early_stopping": None if stopping is None else [stopping.best, stopping.waited],
             "train_seconds": budget.spent(),
-            "nonfinite_in_row": nonfinite.in_row,
+            "nonfinite_in_row": nonfinite.in_row_after(window.diverged_so_far()),
             "validated_step": validated_step,
             "checkpoints": writer.state() if writer is not None else None,
             "rng": rng_states(),
@@ -181,14 +183,30 @@ def fit(
             save_state(capture())
         last_saved_step = position.step
 
+    def plan_window() -> int:
+        planned = iterations_between_lines(clock_step_s, config.log_every_s, config.log_every_iterations)
+        fit_in_budget = budget.iterations_left(clock_spent, clock_step_s, val_s or clock_step_s * len(loaders["val"]))
+        return planned if fit_in_budget is None else min(planned, fit_in_budget)
+
+    def close_window(epoch: int, iteration: int) -> None:
+        """The METRICS line of the steps since the last one; divergence is found (and may end the run) here."""
+        nonlocal clock_spent, clock_step_s
+        report = window.close(budget.spent())
+        clock_spent, clock_step_s = report.spent_s, report.step_s
+        nonfinite.account(report.steps, report.diverged, total, warn=ctx.is_main)
+        metrics, _ = batch_metrics(report.cm, titles)
+        line = headline(metrics) if report.loss is None else {"loss": report.loss, **headline(metrics)}
+        agent_log.log_metrics("train", epoch + (iteration + 1) / iters, line)
+        window.planned = plan_window()
+
     def checkpoint(epoch: int, iteration: int, ending: str | None) -> str | None:
         """Validate after `iteration` of `epoch`, write the checkpoint and the resume state; returns
         why the run ends here, if it does."""
-        nonlocal val_metrics, val_s, committed, validated_step
+        nonlocal val_metrics, val_s, committed, validated_step, clock_spent
         started = time.monotonic()
         epoch_float = epoch + (iteration + 1) / iters
         val_metrics, absent = validate(
-            net, loaders["val"], compute_loss, mapping, titles, device, config, val_real, eval_batchnorm
+            net, loaders["val"], compute_loss, mapping, titles, device, config, precision, val_real, eval_batchnorm
         )
         agent_log.log_metrics("val", epoch_float, val_metrics, absent_classes=absent)
         committed = snapshot_buffers(model)  # a validation in train mode (validate_with_model_eval false) moves them
@@ -208,10 +226,16 @@ def fit(
                                      before_announce=write_state))
         else:
             write_state()
-        val_s = time.monotonic() - started
+        if budget.seconds is not None:
+            # Shared, so that every rank plans the same iterations to the end of the budget.
+            val_s = distributed.all_reduce_max(torch.tensor([time.monotonic() - started], device=device)).item()
+            clock_spent += val_s
+            window.planned = min(window.planned, plan_window())
+        window.restart_clock()
         return ending
 
-    remove_hooks = stop.watch(model)
+    window.planned = plan_window()
+    remove_hooks = stop.watch(model) if not config.compile else _no_hooks
     try:
         if position.step > 0 and validated_step != position.step:
             # A stop signal cut short the validation due after the last completed step.
@@ -223,50 +247,35 @@ def fit(
             sampler.set_position(epoch, position.samples)
             loaders["train"].dataset.set_epoch(epoch)  # new augmentations each epoch
             first = iters - len(loaders["train"])
-            last_end = time.monotonic()
             for k, (images, targets) in enumerate(loaders["train"]):
                 iteration = first + k
-                if budget.seconds is not None and position.step > first_step:
-                    final_s = val_s or step_s * len(loaders["val"])
-                    if _any_rank(not budget.fits(step_s, final_s), device, ctx):
-                        end = "time_budget"
-                        break
+                if window.planned == 0:
+                    end = "time_budget"
+                    break
+                stop.check()  # the hooks' safe points are off under torch.compile
                 net.train()
                 images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-                logits = net(images)
-                loss = compute_loss(logits, targets)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                # DDP's gradient is the mean of the ranks' losses; the logged loss is the same mean.
-                mean_loss = distributed.all_reduce_sum(loss.detach().float().clone()) / ctx.world_size
-                lr = schedule.lr_at(position.step, budget.used()) * (1.0 if lr_policy is None else lr_policy.scale)
-                if finite_step(mean_loss, model):
-                    set_lr(optimizer, lr)
-                    optimizer.step()
-                    nonfinite.in_row = 0
-                else:
-                    optimizer.zero_grad(set_to_none=True)
-                    restore_buffers(model, committed)
-                    nonfinite.skip(position.step + 1, total, lr, warn=ctx.is_main)
+                budget_used = budget.share(clock_spent + window.size * clock_step_s)
+                lr = schedule.lr_at(position.step, budget_used) * (1.0 if lr_policy is None else lr_policy.scale)
+                step_started = time.monotonic()
+                result = train_step(net, model, optimizer, scaler, precision, compute_loss, images, targets, lr,
+                                    committed)
                 committed = snapshot_buffers(model)
                 position.step += 1
                 position.samples = min(samples_per_epoch, position.samples + len(images) * ctx.world_size)
                 if position.samples >= samples_per_epoch:
                     position.epoch, position.samples = epoch + 1, 0
                 progress.tick()
-                now = time.monotonic()
-                step_s, last_end = now - last_end, now
-
-                with torch.no_grad():
-                    cm = distributed.all_reduce_sum(
-                        confusion_matrix(logits.argmax(1), targets, mapping.num_classes, NEUTRAL_INDEX)
-                    )
-                train_metrics, _ = batch_metrics(cm.cpu(), titles)
-                agent_log.log_metrics("train", epoch + (iteration + 1) / iters,
-                                      {"loss": float(mean_loss), **_headline(train_metrics)})
-                if planner.due(epoch, iteration):
+                window.add(position.step, lr, result, targets)
+                if config.compile and position.step == first_step + 1 and ctx.is_main:
+                    result.loss.item()  # once: the compilation's cost is only known when the step is done
+                    log.info(f"compile: the first iteration took {time.monotonic() - step_started:.1f} s, "
+                             "torch.compile's one-off compilation included")
+                due = planner.due(epoch, iteration)
+                if window.full or due or iteration == iters - 1:
+                    close_window(epoch, iteration)
+                if due:
                     end = checkpoint(epoch, iteration, None) or "epochs"
-                    last_end = time.monotonic()
                     if end != "epochs":
                         break
         if end == "time_budget":
@@ -305,13 +314,5 @@ def fit(
                         val_metrics, end)
 
 
-def _any_rank(flag: bool, device: torch.device, ctx: DistContext) -> bool:
-    """True on every rank when it is True on one: ranks that measure time apart still stop together."""
-    if ctx.world_size == 1:
-        return flag
-    return bool(distributed.all_reduce_sum(torch.tensor([int(flag)], device=device)).item())
-
-
-def _headline(metrics: dict[str, float]) -> dict[str, float]:
-    # Per-class IoU on one batch is noise; the per-iteration line keeps the figures the agent charts.
-    return {k: v for k, v in metrics.items() if "/" not in k}
+def _no_hooks() -> None:
+    pass

@@ -140,22 +140,33 @@ def check_metric(metric: str, titles: list[str]) -> None:
 
 @dataclass
 class TimeBudget:
-    """time_budget_minutes: training seconds spent over every part of a resumed run, and whether the
-    next step (and the validation that must follow it) still fits."""
+    """time_budget_minutes: training seconds spent over every part of a resumed run, and how many more
+    iterations (and the validation that must follow them) still fit.
+
+    The ranks of a run decide from shared figures (the slowest rank's clock at the last METRICS line,
+    window.py) rather than their own clocks, so that they stop at the same iteration and follow the
+    same learning-rate curve.
+    """
 
     seconds: float | None  # None: no budget, the clock only counts
     spent_before: float = 0.0  # by the earlier parts of a resumed run
     started: float = field(default_factory=time.monotonic)
 
     def spent(self) -> float:
+        """This process's training seconds so far."""
         return self.spent_before + time.monotonic() - self.started
 
-    def used(self) -> float:
-        """The share of the budget spent (0 without a budget)."""
-        return 0.0 if self.seconds is None else self.spent() / self.seconds
+    def share(self, spent_s: float) -> float:
+        """The share of the budget that `spent_s` seconds are (0 without a budget)."""
+        return 0.0 if self.seconds is None else spent_s / self.seconds
 
-    def fits(self, step_s: float, final_s: float) -> bool:
-        return self.seconds is None or self.spent() + step_s + final_s <= self.seconds
+    def iterations_left(self, spent_s: float, step_s: float, final_s: float) -> int | None:
+        """Iterations of `step_s` seconds that still fit after `spent_s`, keeping `final_s` for the
+        last validation; None without a budget."""
+        if self.seconds is None:
+            return None
+        room = self.seconds - spent_s - final_s
+        return max(0, math.floor(room / step_s)) if step_s > 0 else (0 if room < 0 else 2**31)
 
 
 def lr_schedule(config: TrainConfig, iters_per_epoch: int) -> LrSchedule:
@@ -184,7 +195,9 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
         {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
     ]
     optimizer_class = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
-    return optimizer_class(groups, lr=config.lr)
+    # Fused: one kernel per step, no host sync (the foreach path reads each step count back), and the
+    # update is skipped on the device when train_step passes found_inf.
+    return optimizer_class(groups, lr=config.lr, fused=True)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

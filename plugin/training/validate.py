@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 
 from plugin.format.classes import NEUTRAL_INDEX, ClassMapping
 from plugin.nn.metrics import confusion_matrix, summarize
+from plugin.nn.precision import Precision
 from plugin.nn.tiling import crop_probabilities, predict_tiled, training_window
 from plugin.settings import TrainConfig
 from plugin.training import distributed
@@ -33,6 +34,7 @@ def validate(
     titles: list[str],
     device: torch.device,
     config: TrainConfig,
+    precision: Precision,
     real: int | None = None,
     eval_batchnorm: bool = True,
 ) -> tuple[dict[str, float], list[str]]:
@@ -41,7 +43,8 @@ def validate(
     The loss is computed sample by sample so that it does not depend on how the split is batched or
     sharded; sums and counts are added over the ranks, so every rank returns the same figures.
     The first `real` samples of this rank's loader count (None: all); the rest is padding.
-    `eval_batchnorm` False keeps BatchNorm in train mode (validate_with_model_eval false).
+    `eval_batchnorm` False keeps BatchNorm in train mode (validate_with_model_eval false). The network
+    runs under the training's autocast; the loss and the metrics are computed from float32 logits.
     """
     net.train(not eval_batchnorm)
     cm = torch.zeros(mapping.num_classes, mapping.num_classes, dtype=torch.int64, device=device)
@@ -52,18 +55,20 @@ def validate(
         predict = _tiled_logits(net, config, mapping.num_classes, device)
     else:
         def predict(images: torch.Tensor) -> torch.Tensor:
-            return net(images.to(device, non_blocking=True))
+            return net(precision.inputs(images.to(device, non_blocking=True)))
     with torch.no_grad():
         for images, targets in loader:
             targets = targets.to(device, non_blocking=True)
-            logits = predict(images)
+            with precision.autocast():
+                logits = predict(images)
+            logits = logits.float()
             keep = len(images) if real is None else max(0, min(len(images), real - seen))
             seen += len(images)
             for i in range(keep):
                 totals[0] += compute_loss(logits[i : i + 1], targets[i : i + 1]).double()
             totals[1] += keep
             # Padding samples are all neutral: they add nothing to the confusion matrix.
-            cm += confusion_matrix(logits.argmax(1), targets, mapping.num_classes, NEUTRAL_INDEX)
+            cm += confusion_matrix(logits.argmax(1), targets, mapping.num_classes, NEUTRAL_INDEX, check=False)
     distributed.all_reduce_sum(totals)
     distributed.all_reduce_sum(cm)
     metrics, absent = batch_metrics(cm.cpu(), titles)
