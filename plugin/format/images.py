@@ -48,6 +48,16 @@ _TIFF_WIDTH, _TIFF_LENGTH = 256, 257
 # Orientation sits in the first IFD, at the start of an eXIf chunk; the rest is not read.
 _MAX_EXIF_BYTES = 1 << 20
 
+# A reduced JPEG decode stays at least twice the target size (Pillow's reducing_gap for draft() does
+# the same): the caller's INTER_AREA resize then averages 2x2 or more reduced pixels, which evens out
+# the difference between libjpeg's scaled IDCT and a box filter. With a gap of 1 (e.g. 1333x999 at 1/4
+# = 334x250, resized to 100x130), that difference stays in the image: 2-3 grey levels mean difference
+# from the full decode on natural-looking content, against about 1 at a gap of 2 (tests/test_images.py).
+REDUCING_GAP = 2
+_DECODE_FLAGS = {
+    1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8,
+}
+
 _max_pixels = DEFAULT_MAX_IMAGE_PIXELS
 
 
@@ -87,9 +97,14 @@ def check_png_chunks(file: BinaryIO, what: str, where: object) -> None:
         pass
 
 
-def read_image(path: Path) -> np.ndarray:
+def read_image(path: Path, shrink_to: tuple[int, int] | None = None) -> np.ndarray:
     """RGB uint8 (H, W, 3), decoded by OpenCV as the SDK does (grey, 16-bit, palette, alpha and CMYK images
-    become 3 channels of 8 bits); the file is read once, and its header checked before decoding."""
+    become 3 channels of 8 bits); the file is read once, and its header checked before decoding.
+
+    `shrink_to` (width, height) is the size the caller will resize the image to. A JPEG that shrinks
+    by 4x or more on both sides is then decoded at 1/2, 1/4 or 1/8 of its size by libjpeg's scaled
+    IDCT (see reduction_factor), still at least twice the target; other images decode in full.
+    """
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
@@ -97,13 +112,29 @@ def read_image(path: Path) -> np.ndarray:
     # The header checked is that of the very bytes decoded below.
     file = io.BytesIO(data)
     with _open(file, path) as img:
-        _checked_size(img, path)
+        width, height = _checked_size(img, path)
         if img.format == "PNG":
             check_png_chunks(file, "the image", path)
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        factor = 1
+        if shrink_to is not None and ACCEPTED_FORMATS[img.format] == "JPEG":
+            # OpenCV turns reduced decodes by the EXIF orientation too: compare the target with the turned size.
+            if _orientation(img, file, path) in _SWAPPING_ORIENTATIONS:
+                width, height = height, width
+            factor = reduction_factor((width, height), shrink_to)
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), _DECODE_FLAGS[factor])
     if image is None:
         raise TaskError("the image cannot be decoded (corrupt or truncated)", where=path)
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def reduction_factor(size: tuple[int, int], target: tuple[int, int]) -> int:
+    """The largest of 1, 2, 4, 8 that keeps an image of `size` (width, height), decoded at 1/factor
+    (sides rounded up, as libjpeg does), at least REDUCING_GAP times `target` on both sides."""
+    (width, height), (target_w, target_h) = size, target
+    for factor in (8, 4, 2):
+        if -(-width // factor) >= REDUCING_GAP * target_w and -(-height // factor) >= REDUCING_GAP * target_h:
+            return factor
+    return 1
 
 
 def read_image_size(path: Path) -> tuple[int, int]:
@@ -111,9 +142,7 @@ def read_image_size(path: Path) -> tuple[int, int]:
     try:
         with open(path, "rb") as file, _open(file, path) as img:
             width, height = _checked_size(img, path)
-            # Pillow decodes a whole PNG to look for an eXIf chunk after the pixels (OpenCV applies one
-            # there too); the chunk headers tell the same without decoding.
-            orientation = _png_orientation(file, path) if img.format == "PNG" else img.getexif().get(_ORIENTATION_TAG)
+            orientation = _orientation(img, file, path)
     except TaskError:
         raise
     except OSError as exc:
@@ -123,6 +152,19 @@ def read_image_size(path: Path) -> tuple[int, int]:
     if orientation in _SWAPPING_ORIENTATIONS:
         return width, height
     return height, width
+
+
+def _orientation(img: Image.Image, file: BinaryIO, where: Path) -> int | None:
+    """The EXIF orientation tag of an opened image, None without one."""
+    try:
+        # Pillow decodes a whole PNG to look for an eXIf chunk after the pixels (OpenCV applies one
+        # there too); the chunk headers tell the same without decoding.
+        return _png_orientation(file, where) if img.format == "PNG" else img.getexif().get(_ORIENTATION_TAG)
+    except TaskError:
+        raise
+    except Exception as exc:  # Pillow raises many types for broken metadata, OSError among them
+        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise TaskError(f"the image cannot be read: {detail}", where=where) from None
 
 
 def _open(file: BinaryIO, where: Path) -> Image.Image:

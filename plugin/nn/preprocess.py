@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import cv2
 import numpy as np
 import torch
+
+from plugin.format.images import read_image
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -18,6 +22,13 @@ def resize_image(image: np.ndarray, width: int, height: int) -> np.ndarray:
         return image
     shrinking = width * height < image.shape[0] * image.shape[1]
     return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+
+
+def read_resized(path: Path, width: int, height: int) -> np.ndarray:
+    """The image file as an RGB uint8 (height, width, 3): decoded for that size (a large JPEG at reduced
+    size, see read_image) and resized by resize_image. Training samples and the input of a
+    resize-trained model's whole-image prediction come from here, so both see the same pixels."""
+    return resize_image(read_image(path, shrink_to=(width, height)), width, height)
 
 
 def resize_mask(mask: np.ndarray, width: int, height: int) -> np.ndarray:

@@ -22,10 +22,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from plugin.errors import TaskError
 from plugin.format.classes import NEUTRAL_INDEX, ClassMapping
-from plugin.format.images import read_image, read_image_size
+from plugin.format.images import read_image_size
 from plugin.format.masks import rasterize
 from plugin.format.project import Item, ProjectMeta, check_image_size, read_annotation, read_image_tags
-from plugin.nn.preprocess import PAD_COLOR, normalize, resize_image, resize_mask
+from plugin.nn.preprocess import PAD_COLOR, normalize, read_resized, resize_mask
 from plugin.settings import RESIZE, Scale
 from plugin.training.augment import Augmenter, sample_seed
 from plugin.training.crops import crop_origin, cut, foreground_pixels
@@ -189,15 +189,15 @@ class SegmentationDataset(Dataset):
         # A file can pass the header check and still fail to decode; replace it by another sample
         # while the split's budget allows, as the legacy trainer did.
         for _ in range(100):
-            item = self.items[index]
+            item, mask = self.items[index], self.masks[index]
             try:
-                image = read_image(item.image_path)
+                # At the cached mask's size: the input size (resize), the image x scale.factor (crop), or
+                # the image's own (whole-image validation, which never decodes reduced).
+                image = read_resized(item.image_path, mask.shape[1], mask.shape[0])
             except TaskError as exc:
                 self.budget.spend(item.image_path, exc)
                 index = random.randrange(len(self.items))
                 continue
-            mask = self.masks[index]
-            image = resize_image(image, mask.shape[1], mask.shape[0])
             if self.scale.crops:
                 image, mask = self._crop(index, image, mask, np.random.default_rng([seed, CROP_STREAM]))
             if self.augment is None:
