@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import struct
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -48,11 +49,12 @@ _TIFF_WIDTH, _TIFF_LENGTH = 256, 257
 # Orientation sits in the first IFD, at the start of an eXIf chunk; the rest is not read.
 _MAX_EXIF_BYTES = 1 << 20
 
-# A reduced JPEG decode stays at least twice the target size (Pillow's reducing_gap for draft() does
-# the same): the caller's INTER_AREA resize then averages 2x2 or more reduced pixels, which evens out
-# the difference between libjpeg's scaled IDCT and a box filter. With a gap of 1 (e.g. 1333x999 at 1/4
-# = 334x250, resized to 100x130), that difference stays in the image: 2-3 grey levels mean difference
-# from the full decode on natural-looking content, against about 1 at a gap of 2 (tests/test_images.py).
+# A reduced JPEG decode stays at least twice the target size (as Pillow's reducing_gap for draft()):
+# the caller's INTER_AREA resize then averages 2x2 or more decoded pixels, which evens out the
+# difference between libjpeg's scaled IDCT (and its chroma upsampling) and a box filter. Measured on
+# natural-looking content against a full decode and the same resize (tests/test_reduced_decode.py):
+# at most 0.92 grey levels mean difference with a gap of 2; with a gap of 1, 1.4 (333x515 at 1/4 to
+# 64x41), 1.6 (1023x1023 at 1/8 to 128x128) and 2.1 (1024x1024 at 1/2 to 512x512).
 REDUCING_GAP = 2
 _DECODE_FLAGS = {
     1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8,
@@ -97,14 +99,25 @@ def check_png_chunks(file: BinaryIO, what: str, where: object) -> None:
         pass
 
 
-def read_image(path: Path, shrink_to: tuple[int, int] | None = None) -> np.ndarray:
+def read_image(path: Path) -> np.ndarray:
     """RGB uint8 (H, W, 3), decoded by OpenCV as the SDK does (grey, 16-bit, palette, alpha and CMYK images
-    become 3 channels of 8 bits); the file is read once, and its header checked before decoding.
+    become 3 channels of 8 bits); the file is read once, and its header checked before decoding."""
+    return read_reduced(path, None).pixels
 
-    `shrink_to` (width, height) is the size the caller will resize the image to. A JPEG that shrinks
-    by 4x or more on both sides is then decoded at 1/2, 1/4 or 1/8 of its size by libjpeg's scaled
-    IDCT (see reduction_factor), still at least twice the target; other images decode in full.
-    """
+
+@dataclass(frozen=True)
+class Reduced:
+    """An image decoded at 1/factor of its size (factor 1: in full)."""
+
+    pixels: np.ndarray  # RGB uint8 (ceil(height / factor), ceil(width / factor), 3)
+    factor: int  # 1, 2, 4 or 8
+    size: tuple[int, int]  # (width, height) at full resolution, as read_image decodes it
+
+
+def read_reduced(path: Path, shrink_to: tuple[int, int] | None) -> Reduced:
+    """read_image for a caller that will shrink the image to `shrink_to` (width, height): a JPEG that
+    shrinks by 4x or more on both sides is decoded at 1/2, 1/4 or 1/8 by libjpeg's scaled IDCT (see
+    reduction_factor), which skips most of the decoding work; other images, or None, decode in full."""
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
@@ -124,7 +137,10 @@ def read_image(path: Path, shrink_to: tuple[int, int] | None = None) -> np.ndarr
     image = cv2.imdecode(np.frombuffer(data, np.uint8), _DECODE_FLAGS[factor])
     if image is None:
         raise TaskError("the image cannot be decoded (corrupt or truncated)", where=path)
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    if factor == 1:
+        # The decoded size itself: no orientation was read for a full decode.
+        width, height = image.shape[1], image.shape[0]
+    return Reduced(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), factor, (width, height))
 
 
 def reduction_factor(size: tuple[int, int], target: tuple[int, int]) -> int:

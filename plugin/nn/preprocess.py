@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import torch
 
-from plugin.format.images import read_image
+from plugin.format.images import read_reduced
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -25,10 +25,23 @@ def resize_image(image: np.ndarray, width: int, height: int) -> np.ndarray:
 
 
 def read_resized(path: Path, width: int, height: int) -> np.ndarray:
-    """The image file as an RGB uint8 (height, width, 3): decoded for that size (a large JPEG at reduced
-    size, see read_image) and resized by resize_image. Training samples and the input of a
-    resize-trained model's whole-image prediction come from here, so both see the same pixels."""
-    return resize_image(read_image(path, shrink_to=(width, height)), width, height)
+    """The image file as RGB uint8 (height, width, 3), as resize_image(read_image(path), width, height)
+    gives it within about a grey level, a large JPEG decoded at reduced size (read_reduced). Training
+    samples and the input of a resize-trained model's whole-image prediction come from here, so both
+    see the same pixels."""
+    reduced = read_reduced(path, (width, height))
+    if reduced.factor == 1:
+        return resize_image(reduced.pixels, width, height)
+    # When a side is not a multiple of the factor, the last decoded column or row stands for fewer
+    # pixels: scaling by the decoded size would shift the content by a growing fraction of a target
+    # pixel towards the far edge (2 grey levels mean difference on textured images, where the full
+    # decode and the same resize differ by 0.3 with this). Scaling by the full-resolution size
+    # gives every output pixel the part of the image it covers in a full decode; an output one pixel
+    # too wide or high by rounding only holds what lies past the image, and is cut off. Always a
+    # shrink by 2x or more (REDUCING_GAP), so INTER_AREA as resize_image takes.
+    full_w, full_h = reduced.size
+    scale_x, scale_y = width * reduced.factor / full_w, height * reduced.factor / full_h
+    return cv2.resize(reduced.pixels, None, fx=scale_x, fy=scale_y, interpolation=cv2.INTER_AREA)[:height, :width]
 
 
 def resize_mask(mask: np.ndarray, width: int, height: int) -> np.ndarray:
