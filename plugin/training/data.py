@@ -250,6 +250,11 @@ def resolve_workers(setting: int | str, split: str, processes_per_node: int) -> 
     return max(1, min(AUTO_WORKER_CAP[split], cores // max(1, processes_per_node)))
 
 
+# Batches each loader worker keeps ready (torch's default, set here because throughput rests on it):
+# 2 x workers batches queue up while the step runs, enough to ride out a slow sample or two.
+PREFETCH_BATCHES = 2
+
+
 def _limit_worker_threads(_worker_id: int) -> None:
     # Each loader worker is one process per core already; torch's own thread pool inside it would
     # oversubscribe the cores.
@@ -287,6 +292,9 @@ def make_loader(
         sampler=sampler,
         num_workers=workers,
         worker_init_fn=_limit_worker_threads if workers > 0 else None,
+        # Workers live across epochs: starting them anew each epoch would stall the first batches while
+        # each one starts (and, outside fork, is sent the dataset with its mask cache).
         persistent_workers=workers > 0,
+        prefetch_factor=PREFETCH_BATCHES if workers > 0 else None,
         pin_memory=torch.cuda.is_available(),
     )
