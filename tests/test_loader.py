@@ -17,6 +17,7 @@ from plugin.format.images import read_image, read_reduced
 from plugin.format.project import list_items, read_meta
 from plugin.nn.preprocess import read_resized
 from plugin.settings import Scale, parse_steps
+from plugin.synthetic import natural_image
 from plugin.training.augment import build_augmenter
 from plugin.training.data import (
     AUTO_WORKER_CAP,
@@ -28,7 +29,7 @@ from plugin.training.data import (
     prepare_masks,
     resolve_workers,
 )
-from tests.test_reduced_decode import natural_image, write_jpeg
+from tests.test_reduced_decode import write_jpeg
 
 
 def jpeg_project(root: Path, width: int = 1024, height: int = 768) -> Path:

@@ -4,8 +4,8 @@ must match the full decode resized by resize_image.
 
 The tolerance, per 8-bit channel of the resized image: a mean absolute difference under
 MEAN_TOLERANCE (1 grey level) and a 99.9th percentile under P999_TOLERANCE (16). The content is
-natural-looking (a 1/f amplitude spectrum with a pixel std of 40, as photographs have, plus
-hard-edged shapes in saturated colours) saved at JPEG quality 75 and 90 with 4:2:0 chroma, the
+natural-looking (synthetic.natural_image: a 1/f amplitude spectrum with a pixel std of 40, as
+photographs have, plus hard-edged shapes in saturated colours) saved at JPEG quality 75 and 90 with 4:2:0 chroma, the
 common camera and web settings. The largest differences sit on coloured edges, where libjpeg's
 reduced chroma upsampling and the full decode's smooth one disagree most; for scale, the JPEG
 compression itself moves these images by about 5 grey levels on average.
@@ -22,33 +22,11 @@ from PIL import Image
 
 from plugin.format.images import read_image, read_reduced, reduction_factor
 from plugin.nn.preprocess import read_resized, resize_image
+from plugin.synthetic import natural_image
 
 MEAN_TOLERANCE = 1.0
 P999_TOLERANCE = 16
 ORIENTATION = 0x0112
-
-
-def natural_image(height: int, width: int, seed: int) -> np.ndarray:
-    """RGB uint8 with the statistics of a photograph: 1/f amplitude spectrum per channel, and shapes
-    with sharp (anti-aliased) edges in random colours."""
-    rng = np.random.default_rng(seed)
-    fy, fx = np.fft.fftfreq(height)[:, None], np.fft.rfftfreq(width)[None, :]
-    frequency = np.hypot(fx, fy)
-    frequency[0, 0] = 1.0
-    channels = []
-    for _ in range(3):
-        spectrum = (rng.normal(size=frequency.shape) + 1j * rng.normal(size=frequency.shape)) / frequency
-        texture = np.fft.irfft2(spectrum, s=(height, width))
-        channels.append((texture - texture.mean()) / texture.std())
-    image = np.clip(128 + 40 * np.stack(channels, axis=-1), 0, 255).astype(np.uint8)
-    for _ in range(12):
-        colour = tuple(int(v) for v in rng.integers(0, 256, 3))
-        if rng.random() < 0.5:
-            centre = (int(rng.integers(0, width)), int(rng.integers(0, height)))
-            cv2.circle(image, centre, int(rng.integers(5, max(6, min(height, width) // 4))), colour, -1, cv2.LINE_AA)
-        else:
-            cv2.fillPoly(image, [rng.integers(0, [width, height], (5, 2)).astype(np.int32)], colour)
-    return image
 
 
 def write_jpeg(path: Path, rgb: np.ndarray, quality: int, orientation: int | None = None) -> Path:
