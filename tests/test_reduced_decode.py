@@ -71,6 +71,14 @@ def test_reduced_decode_matches_full_decode_within_tolerance(
     assert_within_tolerance(path, target)
 
 
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_reduced_decodes_are_oriented_as_full_ones(tmp_path: Path, orientation: int) -> None:
+    path = write_jpeg(tmp_path / "turned.jpg", natural_image(400, 600, seed=orientation), 90, orientation)
+    turned = orientation >= 5
+    assert read_reduced(path, (50, 50)).pixels.shape == ((150, 100, 3) if turned else (100, 150, 3))  # 1/4
+    assert_within_tolerance(path, (50, 50))
+
+
 # Stored 1200x800 with orientation 6 decodes as 800x1200 (width x height), reduced or not. A target of
 # 100x300 admits 1/2 only in that orientation; 300x100 only in the stored one.
 @pytest.mark.parametrize(("target", "factor"), [((100, 300), 2), ((300, 100), 1)])
@@ -94,10 +102,14 @@ def test_small_shrinks_and_other_formats_decode_in_full(tmp_path: Path) -> None:
     assert png.factor == 1 and np.array_equal(png.pixels, rgb)
 
 
-@pytest.mark.parametrize("mode", ["L", "CMYK"])
-def test_grey_and_cmyk_jpegs_reduce_to_rgb(tmp_path: Path, mode: str) -> None:
+@pytest.mark.parametrize("mode", ["L", "CMYK", "MPO"])
+def test_grey_cmyk_and_multi_picture_jpegs_reduce_to_rgb(tmp_path: Path, mode: str) -> None:
     path = tmp_path / "photo.jpg"
-    Image.fromarray(natural_image(512, 384, seed=2)).convert(mode).save(path, quality=90)
+    image = Image.fromarray(natural_image(512, 384, seed=2))
+    if mode == "MPO":  # a camera's multi-picture JPEG: the first picture is decoded
+        image.save(path, format="MPO", save_all=True, append_images=[image.rotate(90)], quality=90)
+    else:
+        image.convert(mode).save(path, quality=90)
     assert read_reduced(path, (48, 64)).pixels.shape == (128, 96, 3)
     assert_within_tolerance(path, (48, 64))
 

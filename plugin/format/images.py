@@ -4,6 +4,8 @@ Training, inference, `masks` and `evaluate` all go through here, so that an imag
 pixel layout and one set of limits everywhere (the SDK's `sly.image.read` is
 `cv2.imdecode(..., IMREAD_COLOR)`). Before a pixel is decoded, the header must name an accepted format
 (by content, whatever the file's extension) and declare at most max_image_pixels() pixels.
+read_reduced is the same decoding for a caller that will shrink the image: a large JPEG is then
+decoded at a fraction of its size, which skips most of the work.
 """
 
 from __future__ import annotations
