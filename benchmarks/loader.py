@@ -14,7 +14,7 @@ The same sample indices and epochs, so the same augmentations, are timed for bot
 alternate between them and the median round counts. A 1-worker make_loader run adds what collation
 and the hand-over to the main process cost: its samples per CPU second of the worker process.
 
-    .venv/bin/python -m benchmarks.loader [--images 8] [--samples 48] [--rounds 3]
+    .venv/bin/python -m benchmarks.loader [--images 8] [--samples 48] [--rounds 3] [--batch 8]
 """
 
 from __future__ import annotations
@@ -63,8 +63,8 @@ SCENARIOS = (
 
 
 def make_photo_project(root: Path, images: int, size: int, suffix: str, quality: int = 90) -> Path:
-    """`images` train images of size x size (photograph-like content, JPEG at `quality` or PNG), each
-    with a ring, a blob and a box."""
+    """`images` train images of size x size (photograph-like content; JPEG at `quality` with OpenCV's
+    4:2:0 chroma, or PNG), each with a ring, a blob and a box."""
     rng = np.random.default_rng(size)
     (root / "ds" / "img").mkdir(parents=True)
     write_json(root / "meta.json", {"classes": CLASSES, "tags": []})
@@ -176,6 +176,31 @@ def report(scenario: Scenario, figures: dict) -> str:
     )
 
 
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """One OpenCV and one torch thread, as make_loader gives its workers; the counts before are restored
+    (make_loader leaves OpenCV at one thread itself)."""
+    opencv, torch_threads = cv2.getNumThreads(), torch.get_num_threads()
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(opencv)
+        torch.set_num_threads(torch_threads)
+
+
+def bench_loader_per_worker(root: Path, images: int, samples: int, rounds: int, batch: int) -> None:
+    """Print the figures of both scenarios and the machine's load (callable from benchmarks/run.py)."""
+    load = os.getloadavg()[0]
+    with one_thread():
+        for scenario in SCENARIOS:
+            print(report(scenario, bench_scenario(root, scenario, images, samples, rounds, batch)))
+    # CPU time shields the figures from other processes' load far better than the wall clock, not
+    # wholly: a core shared by hyper-threads or caches shared with a busy neighbour still slow them.
+    print(f"(load average {load:.1f} before, {os.getloadavg()[0]:.1f} after, on {os.cpu_count()} cores)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=8, help="images per scenario")
@@ -185,17 +210,8 @@ def main() -> None:
     args = parser.parse_args()
     print(f"reproduce: .venv/bin/python -m benchmarks.loader --images {args.images} --samples {args.samples} "
           f"--rounds {args.rounds} --batch {args.batch}")
-    # One thread each, as make_loader gives its workers (cv2 is set in make_loader itself, before forking).
-    cv2.setNumThreads(1)
-    torch.set_num_threads(1)
-    load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
-        for scenario in SCENARIOS:
-            figures = bench_scenario(Path(tmp), scenario, args.images, args.samples, args.rounds, args.batch)
-            print(report(scenario, figures))
-    # CPU time shields the figures from other processes' load far better than the wall clock, not
-    # wholly: a core shared by hyper-threads or caches shared with a busy neighbour still slow them.
-    print(f"(load average {load:.1f} before, {os.getloadavg()[0]:.1f} after, on {os.cpu_count()} cores)")
+        bench_loader_per_worker(Path(tmp), args.images, args.samples, args.rounds, args.batch)
 
 
 if __name__ == "__main__":
