@@ -3,6 +3,7 @@
 Textured backgrounds carry three classes drawn from every geometry the trainer reads (rings as
 polygons with holes, blobs as bitmaps, boxes as rectangles) plus a neutral class, with train/val
 tags. Pixels are painted from the annotation's own rasterization, so images and labels agree exactly.
+natural_image makes photograph-like content for the decoding tests and the loader benchmark.
 """
 
 from __future__ import annotations
@@ -70,6 +71,30 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     smooth = cv2.resize(noise, (size, size), interpolation=cv2.INTER_CUBIC)
     grain = rng.normal(0, 6, (size, size, 3))
     return np.clip(120 + 25 * smooth + grain, 0, 255).astype(np.uint8)
+
+
+def natural_image(height: int, width: int, seed: int) -> np.ndarray:
+    """RGB uint8 with the statistics of a photograph, where smooth test images would hide decoding
+    differences and flatter a JPEG decoder's speed: a 1/f amplitude spectrum per channel (pixel std
+    40), and a dozen shapes with sharp edges in random colours."""
+    rng = np.random.default_rng(seed)
+    fy, fx = np.fft.fftfreq(height)[:, None], np.fft.rfftfreq(width)[None, :]
+    frequency = np.hypot(fx, fy)
+    frequency[0, 0] = 1.0
+    channels = []
+    for _ in range(3):
+        spectrum = (rng.normal(size=frequency.shape) + 1j * rng.normal(size=frequency.shape)) / frequency
+        texture = np.fft.irfft2(spectrum, s=(height, width))
+        channels.append((texture - texture.mean()) / texture.std())
+    image = np.clip(128 + 40 * np.stack(channels, axis=-1), 0, 255).astype(np.uint8)
+    for _ in range(12):
+        colour = tuple(int(v) for v in rng.integers(0, 256, 3))
+        if rng.random() < 0.5:
+            centre = (int(rng.integers(0, width)), int(rng.integers(0, height)))
+            cv2.circle(image, centre, int(rng.integers(5, max(6, min(height, width) // 4))), colour, -1, cv2.LINE_AA)
+        else:
+            cv2.fillPoly(image, [rng.integers(0, [width, height], (5, 2)).astype(np.int32)], colour)
+    return image
 
 
 def make_project(root: Path, n_train: int, n_val: int, size: int = 96, seed: int = 0) -> Path:

@@ -4,6 +4,8 @@ Training, inference, `masks` and `evaluate` all go through here, so that an imag
 pixel layout and one set of limits everywhere (the SDK's `sly.image.read` is
 `cv2.imdecode(..., IMREAD_COLOR)`). Before a pixel is decoded, the header must name an accepted format
 (by content, whatever the file's extension) and declare at most max_image_pixels() pixels.
+read_reduced is the same decoding for a caller that will shrink the image: a large JPEG is then
+decoded at a fraction of its size, which skips most of the work.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import io
 import struct
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -47,6 +50,17 @@ _SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
 _TIFF_WIDTH, _TIFF_LENGTH = 256, 257
 # Orientation sits in the first IFD, at the start of an eXIf chunk; the rest is not read.
 _MAX_EXIF_BYTES = 1 << 20
+
+# A reduced JPEG decode stays at least twice the target size (as Pillow's reducing_gap for draft()):
+# the caller's INTER_AREA resize then averages 2x2 or more decoded pixels, which evens out the
+# difference between libjpeg's scaled IDCT (and its chroma upsampling) and a box filter. Measured on
+# natural-looking content against a full decode and the same resize (tests/test_reduced_decode.py):
+# at most 0.92 grey levels mean difference with a gap of 2; with a gap of 1, 1.4 (333x515 at 1/4 to
+# 64x41), 1.6 (1023x1023 at 1/8 to 128x128) and 2.1 (1024x1024 at 1/2 to 512x512).
+REDUCING_GAP = 2
+_DECODE_FLAGS = {
+    1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8,
+}
 
 _max_pixels = DEFAULT_MAX_IMAGE_PIXELS
 
@@ -90,6 +104,22 @@ def check_png_chunks(file: BinaryIO, what: str, where: object) -> None:
 def read_image(path: Path) -> np.ndarray:
     """RGB uint8 (H, W, 3), decoded by OpenCV as the SDK does (grey, 16-bit, palette, alpha and CMYK images
     become 3 channels of 8 bits); the file is read once, and its header checked before decoding."""
+    return read_reduced(path, None).pixels
+
+
+@dataclass(frozen=True)
+class Reduced:
+    """An image decoded at 1/factor of its size (factor 1: in full)."""
+
+    pixels: np.ndarray  # RGB uint8 (ceil(height / factor), ceil(width / factor), 3)
+    factor: int  # 1, 2, 4 or 8
+    size: tuple[int, int]  # (width, height) at full resolution, as read_image decodes it
+
+
+def read_reduced(path: Path, shrink_to: tuple[int, int] | None) -> Reduced:
+    """read_image for a caller that will shrink the image to `shrink_to` (width, height): a JPEG that
+    shrinks by 4x or more on both sides is decoded at 1/2, 1/4 or 1/8 by libjpeg's scaled IDCT (see
+    reduction_factor), which skips most of the decoding work; other images, or None, decode in full."""
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
@@ -97,13 +127,32 @@ def read_image(path: Path) -> np.ndarray:
     # The header checked is that of the very bytes decoded below.
     file = io.BytesIO(data)
     with _open(file, path) as img:
-        _checked_size(img, path)
+        width, height = _checked_size(img, path)
         if img.format == "PNG":
             check_png_chunks(file, "the image", path)
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        factor = 1
+        if shrink_to is not None and ACCEPTED_FORMATS[img.format] == "JPEG":
+            # OpenCV turns reduced decodes by the EXIF orientation too: compare the target with the turned size.
+            if _orientation(img, file, path) in _SWAPPING_ORIENTATIONS:
+                width, height = height, width
+            factor = reduction_factor((width, height), shrink_to)
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), _DECODE_FLAGS[factor])
     if image is None:
         raise TaskError("the image cannot be decoded (corrupt or truncated)", where=path)
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    if factor == 1:
+        # The decoded size itself: no orientation was read for a full decode.
+        width, height = image.shape[1], image.shape[0]
+    return Reduced(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), factor, (width, height))
+
+
+def reduction_factor(size: tuple[int, int], target: tuple[int, int]) -> int:
+    """The largest of 1, 2, 4, 8 that keeps an image of `size` (width, height), decoded at 1/factor
+    (sides rounded up, as libjpeg does), at least REDUCING_GAP times `target` on both sides."""
+    (width, height), (target_w, target_h) = size, target
+    for factor in (8, 4, 2):
+        if -(-width // factor) >= REDUCING_GAP * target_w and -(-height // factor) >= REDUCING_GAP * target_h:
+            return factor
+    return 1
 
 
 def read_image_size(path: Path) -> tuple[int, int]:
@@ -111,9 +160,7 @@ def read_image_size(path: Path) -> tuple[int, int]:
     try:
         with open(path, "rb") as file, _open(file, path) as img:
             width, height = _checked_size(img, path)
-            # Pillow decodes a whole PNG to look for an eXIf chunk after the pixels (OpenCV applies one
-            # there too); the chunk headers tell the same without decoding.
-            orientation = _png_orientation(file, path) if img.format == "PNG" else img.getexif().get(_ORIENTATION_TAG)
+            orientation = _orientation(img, file, path)
     except TaskError:
         raise
     except OSError as exc:
@@ -123,6 +170,19 @@ def read_image_size(path: Path) -> tuple[int, int]:
     if orientation in _SWAPPING_ORIENTATIONS:
         return width, height
     return height, width
+
+
+def _orientation(img: Image.Image, file: BinaryIO, where: Path) -> int | None:
+    """The EXIF orientation tag of an opened image, None without one."""
+    try:
+        # Pillow decodes a whole PNG to look for an eXIf chunk after the pixels (OpenCV applies one
+        # there too); the chunk headers tell the same without decoding.
+        return _png_orientation(file, where) if img.format == "PNG" else img.getexif().get(_ORIENTATION_TAG)
+    except TaskError:
+        raise
+    except Exception as exc:  # Pillow raises many types for broken metadata, OSError among them
+        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise TaskError(f"the image cannot be read: {detail}", where=where) from None
 
 
 def _open(file: BinaryIO, where: Path) -> Image.Image:

@@ -22,10 +22,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from plugin.errors import TaskError
 from plugin.format.classes import NEUTRAL_INDEX, ClassMapping
-from plugin.format.images import read_image, read_image_size
+from plugin.format.images import read_image_size
 from plugin.format.masks import rasterize
 from plugin.format.project import Item, ProjectMeta, check_image_size, read_annotation, read_image_tags
-from plugin.nn.preprocess import PAD_COLOR, normalize, resize_image, resize_mask
+from plugin.nn.preprocess import PAD_COLOR, normalize, read_resized, resize_mask
 from plugin.settings import RESIZE, Scale
 from plugin.training.augment import Augmenter, sample_seed
 from plugin.training.crops import crop_origin, cut, foreground_pixels
@@ -189,15 +189,15 @@ class SegmentationDataset(Dataset):
         # A file can pass the header check and still fail to decode; replace it by another sample
         # while the split's budget allows, as the legacy trainer did.
         for _ in range(100):
-            item = self.items[index]
+            item, mask = self.items[index], self.masks[index]
             try:
-                image = read_image(item.image_path)
+                # At the cached mask's size: the input size (resize), the image x scale.factor (crop), or
+                # the image's own (whole-image validation, which never decodes reduced).
+                image = read_resized(item.image_path, mask.shape[1], mask.shape[0])
             except TaskError as exc:
                 self.budget.spend(item.image_path, exc)
                 index = random.randrange(len(self.items))
                 continue
-            mask = self.masks[index]
-            image = resize_image(image, mask.shape[1], mask.shape[0])
             if self.scale.crops:
                 image, mask = self._crop(index, image, mask, np.random.default_rng([seed, CROP_STREAM]))
             if self.augment is None:
@@ -250,6 +250,11 @@ def resolve_workers(setting: int | str, split: str, processes_per_node: int) -> 
     return max(1, min(AUTO_WORKER_CAP[split], cores // max(1, processes_per_node)))
 
 
+# Batches each loader worker keeps ready (torch's default, set here because throughput rests on it):
+# 2 x workers batches queue up while the step runs, enough to ride out a slow sample or two.
+PREFETCH_BATCHES = 2
+
+
 def _limit_worker_threads(_worker_id: int) -> None:
     # Each loader worker is one process per core already; torch's own thread pool inside it would
     # oversubscribe the cores.
@@ -287,6 +292,9 @@ def make_loader(
         sampler=sampler,
         num_workers=workers,
         worker_init_fn=_limit_worker_threads if workers > 0 else None,
+        # Workers live across epochs: starting them anew each epoch would stall the first batches while
+        # each one starts (and, outside fork, is sent the dataset with its mask cache).
         persistent_workers=workers > 0,
+        prefetch_factor=PREFETCH_BATCHES if workers > 0 else None,
         pin_memory=torch.cuda.is_available(),
     )
