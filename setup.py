@@ -18,7 +18,8 @@ setup(
     install_requires=[
         "torch>=2.1,<3",
         "numpy>=1.24,<3",
-        "opencv-python-headless>=4.8",
+        # 4.12: IMWRITE_PNG_FILTER, which the `masks` command sets.
+        "opencv-python-headless>=4.12",
         "jsonschema>=4.17,<5",
         "Pillow>=9.5",
         "requests>=2.28,<3",
