@@ -11,12 +11,30 @@ import multiprocessing
 import os
 import signal
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import cv2
 
+from plugin.errors import TaskError
+
 T = TypeVar("T")
 R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A TaskError as a worker returns it to the parent (a pickled TaskError would lose `where`)."""
+
+    message: str
+    where: str | None
+
+    @classmethod
+    def of(cls, error: TaskError) -> Failure:
+        return cls(error.message, error.where)
+
+    def error(self) -> TaskError:
+        return TaskError(self.message, where=self.where)
 
 
 def available_cores() -> int:

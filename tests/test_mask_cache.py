@@ -135,6 +135,19 @@ def test_a_changed_annotation_gets_a_new_entry(tmp_path, caplog):
     assert_same(masks, uncached(project))
 
 
+def test_a_renamed_image_reuses_its_mask_under_the_new_name(tmp_path, caplog):
+    project = make_project(tmp_path / "p")
+    folder = tmp_path / "cache"
+    load(project, folder)
+    (project / "ds" / "img" / "im0.png").rename(project / "ds" / "img" / "im9.png")
+    (project / "ds" / "ann" / "im0.png.json").rename(project / "ds" / "ann" / "im9.png.json")
+    with caplog.at_level(logging.INFO):
+        kept, masks = load(project, folder, token="again")
+    assert [item.name for item in kept] == ["im1.png", "im2.png", "im3.png", "im9.png"]
+    assert "4 of 4 from the cache" in caplog.text
+    assert_same(masks, uncached(project))
+
+
 def test_corrupted_items_spend_the_budget_on_every_run(tmp_path, caplog):
     project = make_project(tmp_path / "p")
     cv2.imwrite(str(project / "ds" / "img" / "im3.png"), np.zeros((21, 20, 3), np.uint8))  # not the annotation's size

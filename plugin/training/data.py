@@ -1,9 +1,9 @@
 """Samples for training: split a project by tags, cache the class masks, load and normalise images.
 
-Masks are rasterized once, in the main process, at the size training uses (the input size, or the
-image at the crop scale), and kept as a uint8 array per image: the legacy trainer redrew every
-annotation in every epoch, which cost more than the forward pass at small input sizes. Images are decoded per sample, so memory stays bounded by the
-masks alone.
+Masks are rasterized once, at the size training uses (the input size, or the image at the crop
+scale), and kept as a uint8 array per image (mask_cache.py keeps them on disk, memory-mapped): the
+legacy trainer redrew every annotation in every epoch, which cost more than the forward pass at
+small input sizes. Images are decoded per sample, so memory stays bounded by the masks alone.
 """
 
 from __future__ import annotations

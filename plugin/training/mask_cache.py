@@ -1,17 +1,15 @@
 """A task's training masks, drawn once into tmp/mask_cache/ and shared, memory-mapped, by the node's ranks.
 
 A split's masks lie in one pack, `<split>.pack`: a header, the masks back to back (uint8, row by
-row) and a JSON index. One file rather than one per image, because Python before 3.13 keeps a file
-descriptor open for every memory map: 10,000 images would pass a `ulimit -n` of 1,024 in every rank
-and every loader worker.
+row) and a JSON index. One file, not one per image: Python before 3.13 keeps a file descriptor open
+for every memory map, and 10,000 images would pass a `ulimit -n` of 1,024 in every rank and worker.
 
 A mask's key is what decides its pixels: the annotation file's bytes, the image's size as read, the
-classes (titles, shapes, mapping), the target size or scale, the pixel limit and FORMAT_VERSION. Its
-index entry carries the CRC-32 of its pixels. Every run, the node's builder (local rank 0) reads the
-whole pack back and checks every CRC in worker processes, so a truncated, flipped or stale entry is
-warned about and drawn again, never trusted; the pack is therefore not fsynced either. The other
-ranks wait until `<split>.ready` holds this run's token, then map the same pages: the page cache
-holds one copy per node, not one per rank.
+classes and their mapping, the target size or scale, the pixel limit and FORMAT_VERSION; its entry
+carries the CRC-32 of its pixels. Every run the node's builder (local rank 0) checks every CRC, in
+worker processes, so a damaged or stale entry is warned about and drawn again, never trusted (which
+is also why the pack needs no fsync). The other ranks wait until `<split>.ready` holds this run's
+token, then map the same pages: the page cache holds one copy per node, not one per rank.
 """
 
 from __future__ import annotations
@@ -37,7 +35,7 @@ from plugin.format.classes import ClassMapping
 from plugin.format.images import max_image_pixels, read_image_size
 from plugin.format.project import Item, ProjectMeta, check_image_size, read_annotation
 from plugin.jsonfile import open_for_writing, refuse_symlink, write_file
-from plugin.parallel import ordered_map, resolve_workers
+from plugin.parallel import Failure, ordered_map, resolve_workers
 from plugin.training import stop
 from plugin.training.data import CorruptionBudget, mask_target, training_mask
 
@@ -57,14 +55,6 @@ class MaskCache:
     builder: bool  # this process draws and checks the masks (the node's local rank 0); the others wait
     token: str  # the same on every rank of a run: `<split>.ready` holds it once the pack is final
     workers: int | None = None  # None: one per available core
-
-
-@dataclass(frozen=True)
-class _Failure:
-    """A TaskError as it crosses from a worker to the parent (its pickled form would lose `where`)."""
-
-    message: str
-    where: str | None
 
 
 @dataclass(frozen=True)
@@ -116,7 +106,8 @@ def _build(items, meta, mapping, size, cache: MaskCache, pack: Path, on_item) ->
     for probe in ordered_map(partial(_probe, context=_context(meta, mapping, size), size=size), items, workers, 16):
         stop.check()
         probes.append(probe)
-    digest = hashlib.sha256(repr([(p.key, p.shape) if isinstance(p, _Probe) else p for p in probes]).encode()).digest()
+    layout = [(i.dataset, i.name, *((p.key, p.shape) if isinstance(p, _Probe) else (p,))) for i, p in zip(items, probes)]
+    digest = hashlib.sha256(repr(layout).encode()).digest()
     old = _read_index(pack)
     entries = [e for e in old[1] if "crc" in e] if old else []
     if old is not None and old[0] == digest:
@@ -148,13 +139,13 @@ def _write_pack(items, probes, sources, meta, mapping, workers, pack: Path, dige
         outcomes: list = list(probes)  # a probe's failure stays; the others become (job, how, crc) or a failure
         fill = partial(_fill, meta=meta, mapping=mapping, dest=partial_pack, source=pack)
         for job, result in zip(jobs, ordered_map(fill, jobs, workers)):
-            outcomes[job.position] = result if isinstance(result, _Failure) else (job, *result)
+            outcomes[job.position] = result if isinstance(result, Failure) else (job, *result)
             _tick(on_item)
         _tick(on_item, len(items) - len(jobs))
         index, counts, redrawn = [], Counter(), []
         for item, outcome in zip(items, outcomes):
             entry = {"name": f"{item.dataset}/{item.name}"}
-            if isinstance(outcome, _Failure):
+            if isinstance(outcome, Failure):
                 entry.update(message=outcome.message, where=outcome.where)
             else:
                 job, how, crc = outcome
@@ -172,27 +163,29 @@ def _write_pack(items, probes, sources, meta, mapping, workers, pack: Path, dige
         finally:
             os.close(fd)
         os.replace(partial_pack, pack)
+    except OSError as exc:  # a full disk, say, in this process or a worker
+        raise TaskError(f"cannot write the mask cache: {exc.strerror or exc}", where=partial_pack) from exc
     finally:
         partial_pack.unlink(missing_ok=True)
     log.info(f"masks: {counts['cached']} of {len(items)} from the cache {pack.parent}, "
              f"{counts['drawn'] + counts['redrawn']} drawn", extra={"cached_masks": counts["cached"], "masks": len(items)})
 
 
-def _probe(item: Item, context: bytes, size: tuple[int, int] | float) -> _Probe | _Failure:
+def _probe(item: Item, context: bytes, size: tuple[int, int] | float) -> _Probe | Failure:
     """The item's key and mask shape, from the annotation's bytes and the image's header."""
     try:
         height, width = read_image_size(item.image_path)
         data = item.ann_path.read_bytes()
     except TaskError as exc:
-        return _Failure(exc.message, exc.where)
+        return Failure.of(exc)
     except OSError as exc:
-        return _Failure(f"the annotation cannot be read: {exc.strerror or exc}", str(item.ann_path))
+        return Failure(f"the annotation cannot be read: {exc.strerror or exc}", str(item.ann_path))
     key = hashlib.sha256(context + hashlib.sha256(data).digest() + f"{height}x{width}".encode()).hexdigest()
     target_width, target_height = mask_target(size, height, width)
     return _Probe(key, (height, width), (target_height, target_width))
 
 
-def _fill(job: _Job, meta: ProjectMeta, mapping: ClassMapping, dest: Path, source: Path) -> tuple | _Failure:
+def _fill(job: _Job, meta: ProjectMeta, mapping: ClassMapping, dest: Path, source: Path) -> tuple | Failure:
     """Write the job's mask into the new pack: the old pack's bytes when their CRC holds, else drawn.
     Returns ("cached" | "drawn" | "redrawn", crc), or the item's failure."""
     how = "drawn"
@@ -208,7 +201,7 @@ def _fill(job: _Job, meta: ProjectMeta, mapping: ClassMapping, dest: Path, sourc
         height, width = job.probe.shape
         data = training_mask(ann, mapping, (width, height)).tobytes()
     except TaskError as exc:
-        return _Failure(exc.message, exc.where)
+        return Failure.of(exc)
     _write(dest, job.offset, data)
     return how, zlib.crc32(data)
 
@@ -274,7 +267,7 @@ def _open(pack: Path, items: Sequence[Item], budget: CorruptionBudget) -> tuple[
     kept, masks = [], []
     for item, entry in zip(items, found[1]):
         if "crc" not in entry:
-            budget.spend(entry["where"] or item.ann_path, TaskError(entry["message"], where=entry["where"]))
+            budget.spend(entry["where"] or item.ann_path, Failure(entry["message"], entry["where"]).error())
             continue
         height, width = entry["shape"]
         kept.append(item)
