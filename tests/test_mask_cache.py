@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from plugin.nn.devices import WorldPlan
 from plugin.training import distributed
 from plugin.training.data import CorruptionBudget, prepare_masks
 from plugin.training.mask_cache import MaskCache, load_masks
+from tests.conftest import REPO
 from tests.test_masks import poly, rect, write_project
 
 SIZES = [(40, 60), (33, 50), (64, 48), (20, 20)]
@@ -223,3 +226,14 @@ def test_masks_command_writes_the_same_files_with_two_workers(tmp_path):
             for p in sorted(out.rglob("*")) if p.is_file()
         }
     assert outputs[1] == outputs[2] and len(outputs[1]) == len(SIZES) + 1
+
+
+def test_the_masks_command_imports_neither_torch_nor_the_schema_validator(tmp_path):
+    project = make_project(tmp_path / "p")
+    code = (f"import sys; from plugin.cli import main; main(['masks', '--project', {str(project)!r}, '--out', "
+            f"{str(tmp_path / 'out')!r}, '--log-format', 'json']); "
+            "print([m for m in ('torch', 'jsonschema', 'albumentations') if m in sys.modules])")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "[]"
+    assert (tmp_path / "out" / "class_title_to_idx.json").is_file()
