@@ -21,7 +21,9 @@ from plugin.format.masks import write_masks
 from plugin.format.project import list_items, read_meta
 from plugin.nn.devices import WorldPlan
 from plugin.training import distributed
-from plugin.training.data import CorruptionBudget, prepare_masks
+from plugin.settings import RESIZE, Scale, parse_steps
+from plugin.training.augment import build_augmenter
+from plugin.training.data import CorruptionBudget, SegmentationDataset, prepare_masks
 from plugin.training.mask_cache import MaskCache, load_masks
 from tests.conftest import REPO
 from tests.test_masks import poly, rect, write_project
@@ -237,3 +239,22 @@ def test_the_masks_command_imports_neither_torch_nor_the_schema_validator(tmp_pa
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[-1] == "[]"
     assert (tmp_path / "out" / "class_title_to_idx.json").is_file()
+
+
+@pytest.mark.parametrize("scale", [RESIZE, Scale("crop", 1.0)], ids=["resize", "crop"])
+def test_samples_from_the_read_only_masks_are_those_of_the_uncached_ones(tmp_path, scale):
+    # Every augmentation step and the crop read the cached masks without writing into them.
+    steps = parse_steps([{"name": n, "p": 1.0} for n in ("hflip", "vflip", "rotate90")]
+                        + [{"name": "affine", "scale": [0.8, 1.2], "rotate": [-40, 40], "p": 1.0},
+                           {"name": "elastic", "alpha": 400, "sigma": 8, "p": 1.0}])
+    project = make_project(tmp_path / "p")
+    size = (24, 24) if not scale.crops else 1.0
+    items, cached = load(project, tmp_path / "cache", size)
+    budget = CorruptionBudget.create("train", 0)
+    datasets = [SegmentationDataset(items, masks, (24, 24), budget, build_augmenter(steps), 3, scale, 0.5)
+                for masks in (cached, uncached(project, size))]
+    for index in range(len(items)):
+        (image, mask), (want_image, want_mask) = (d.sample(index) for d in datasets)
+        np.testing.assert_array_equal(image, want_image)
+        np.testing.assert_array_equal(mask, want_mask)
+    assert all(not m.flags.writeable for m in cached)
