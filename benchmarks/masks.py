@@ -64,10 +64,10 @@ def bench_project(data: Path, images: int) -> Path:
     return project
 
 
-def _timed_process(command: list[str]) -> tuple[float, float, str]:
+def _timed_process(command: list[str], cwd: Path = REPO) -> tuple[float, float, str]:
     """(wall seconds, CPU seconds, output) of a whole process."""
     start = time.perf_counter()
-    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
@@ -87,29 +87,40 @@ def _same_masks(ours: Path, theirs: Path) -> tuple[int, int]:
     return compared, differ
 
 
-def bench_masks_vs_sdk(project: Path, work: Path, sdk_python: str | None, workers: str, repeats: int) -> float | None:
+def bench_masks_vs_sdk(
+    project: Path, work: Path, sdk_python: str | None, workers: str, repeats: int, before: Path | None = None
+) -> float | None:
     """Whole-process time of `sly-unet masks` against the SDK script on the same project, interleaved,
-    best of `repeats` each; returns the SDK's time over ours, or None without the SDK."""
+    best of `repeats` each; returns the SDK's time over ours, or None without the SDK. `before`: a
+    source tree of an older version (git archive main | tar -x -C DIR), timed alongside."""
     count = len(list_items(project))
-    ours_cmd = lambda out: [sys.executable, "-m", "plugin.cli", "masks", "--project", str(project), "--out", str(out),
-                            "--workers", workers, "--log-format", "json"]
+    masks_cmd = lambda out, *more: [sys.executable, "-m", "plugin.cli", "masks", "--project", str(project), "--out",
+                                    str(out), "--log-format", "json", *more]
+    ours_cmd = lambda out: masks_cmd(out, "--workers", workers)
     sdk_cmd = lambda out: [sdk_python, str(SDK_SCRIPT), str(project), str(out)]
     if sdk_python is None or not Path(sdk_python).is_file():
         wall, cpu, _ = min(_timed_process(ours_cmd(work / "ours")) for _ in range(repeats))
         print(f"masks command: {count} annotations in {wall:.2f} s whole process ({cpu:.2f} CPU s, --workers "
               f"{workers}); the SDK comparison is skipped: no SDK interpreter (--sdk-python {sdk_python})")
         return None
-    ours, theirs = [], []
+    ours, theirs, older = [], [], []
     for k in range(repeats):
         ours.append(_timed_process(ours_cmd(work / f"ours{k}")))
         theirs.append(_timed_process(sdk_cmd(work / f"sdk{k}")))
+        if before is not None:
+            older.append(_timed_process(masks_cmd(work / f"before{k}"), cwd=before))
+    if older:
+        old_wall, old_cpu, _ = min(older)
+        print(f"masks command before ({before}): {old_wall:.2f} s ({old_cpu:.2f} CPU s), "
+              f"{min(theirs)[0] / old_wall:.1f}x faster than the SDK")
     (wall, cpu, _), (sdk_wall, sdk_cpu, _) = min(ours), min(theirs)
     compared, differ = _same_masks(work / "ours0", work / "sdk0")
+    indices = [json.loads((work / side / "class_title_to_idx.json").read_text()) for side in ("ours0", "sdk0")]
     ratio = sdk_wall / wall
     print(f"masks command vs SDK 6.74.51, {count} annotations, whole process, best of {repeats} interleaved: "
           f"ours {wall:.2f} s ({cpu:.2f} CPU s, --workers {workers}), SDK {sdk_wall:.2f} s ({sdk_cpu:.2f} CPU s) "
           f"-> {ratio:.1f}x faster (target >= 5x; CPU {sdk_cpu / cpu:.1f}x); masks identical: "
-          f"{compared - differ} of {compared}")
+          f"{compared - differ} of {compared}, class indices {'the same' if indices[0] == indices[1] else 'DIFFERENT'}")
     return ratio
 
 
@@ -135,7 +146,7 @@ def bench_rank_memory(project: Path, tmp: Path, size: int) -> None:
         cache = tmp / f"memory_cache_{mode}"
         subprocess.run(["rm", "-rf", str(cache)], check=True)
         token = f"{mode}-{time.time()}"
-        commands = [_rank_command(project, cache, size, mode, rank, token) for rank in (0, 1)]
+        commands = [_rank_command(project, cache, size, mode, rank, token, ranks=2) for rank in (0, 1)]
         # The cross-check: rank 1 (it starts no workers, whose peaks GNU time would count) under GNU time,
         # whose maximum resident set size should match its VmHWM.
         commands[1] = ["/usr/bin/time", "-v", *commands[1]] if Path("/usr/bin/time").exists() else commands[1]
@@ -153,9 +164,9 @@ def bench_rank_memory(project: Path, tmp: Path, size: int) -> None:
                   f"{figures['Pss']:.0f} MiB (masks {figures['mask_mib']:.0f} MiB, {figures['seconds']:.1f} s){check}")
 
 
-def _rank_command(project: Path, cache: Path, size: int, mode: str, rank: int, token: str) -> list[str]:
-    return [sys.executable, "-m", "benchmarks.masks", "--rank-job", mode, "--rank", str(rank), "--token", token,
-            "--project", str(project), "--cache", str(cache), "--size", str(size)]
+def _rank_command(project: Path, cache: Path, size: int, mode: str, rank: int, token: str, ranks: int = 1) -> list[str]:
+    return [sys.executable, "-m", "benchmarks.masks", "--rank-job", mode, "--rank", str(rank), "--ranks", str(ranks),
+            "--token", token, "--project", str(project), "--cache", str(cache), "--size", str(size)]
 
 
 def _rank_job(args: argparse.Namespace) -> None:
@@ -180,6 +191,8 @@ def _rank_job(args: argparse.Namespace) -> None:
             masks += load_masks(items, meta, mapping, size, budget, cache, split)[1]
     seconds = time.perf_counter() - start
     checksum = sum(int(m.sum()) for m in masks)
+    # Pss shares a page among the processes that map it at that moment: both ranks measure while both live.
+    _meet(Path(args.cache), "touched", args.rank, args.ranks)
     status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
     rollup = Path("/proc/self/smaps_rollup").read_text().splitlines()
     pss = next(int(line.split()[1]) for line in rollup if line.startswith("Pss:"))
@@ -188,6 +201,15 @@ def _rank_job(args: argparse.Namespace) -> None:
                       "RssFile": kib("RssFile") / 1024, "Pss": pss / 1024, "checksum": checksum,
                       "mask_mib": sum(m.size for m in masks) / 2**20,
                       "maxrss_self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    _meet(Path(args.cache), "measured", args.rank, args.ranks)
+
+
+def _meet(folder: Path, stage: str, rank: int, ranks: int) -> None:
+    """Wait until every rank has reached `stage`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{stage}{rank}").touch()
+    while not all((folder / f"{stage}{r}").exists() for r in range(ranks)):
+        time.sleep(0.05)
 
 
 def main() -> None:
@@ -195,28 +217,29 @@ def main() -> None:
     parser.add_argument("--sdk-python", default="/tmp/sdk-venv/bin/python", help="the SDK venv's interpreter")
     parser.add_argument("--sdk-images", type=int, default=600, help="annotations of the SDK comparison")
     parser.add_argument("--workers", default="auto", help="--workers of the masks command")
+    parser.add_argument("--before", type=Path, help="an older source tree whose masks command is timed alongside")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs of each side of the SDK comparison")
     parser.add_argument("--images", type=int, default=10000, help="annotations of the mask preparation figures")
     parser.add_argument("--size", type=int, default=256, help="training input side (scale resize: masks at it)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="where the generated projects are kept")
     parser.add_argument("--only", choices=("sdk", "prepare", "memory"), help="run one benchmark")
     parser.add_argument("--uncached", action="store_true", help="also time main's uncached preparation")
-    for hidden in ("--rank-job", "--rank", "--token", "--project", "--cache"):
+    for hidden in ("--rank-job", "--rank", "--ranks", "--token", "--project", "--cache"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rank_job:
-        args.rank = int(args.rank)
+        args.rank, args.ranks = int(args.rank), int(args.ranks)
         _rank_job(args)
         return
     print(f"reproduce: .venv/bin/python -m benchmarks.masks --sdk-python {args.sdk_python} --sdk-images "
           f"{args.sdk_images} --workers {args.workers} --repeats {args.repeats} --images {args.images} --size "
           f"{args.size} --data {args.data}" + (f" --only {args.only}" if args.only else "")
-          + (" --uncached" if args.uncached else ""))
+          + (" --uncached" if args.uncached else "") + (f" --before {args.before}" if args.before else ""))
     args.data.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.data) as tmp:
         if args.only in (None, "sdk"):
             project = bench_project(args.data, args.sdk_images)
-            bench_masks_vs_sdk(project, Path(tmp), args.sdk_python, args.workers, args.repeats)
+            bench_masks_vs_sdk(project, Path(tmp), args.sdk_python, args.workers, args.repeats, args.before)
         if args.only in (None, "prepare", "memory"):
             project = bench_project(args.data, args.images)
         if args.only in (None, "prepare"):
