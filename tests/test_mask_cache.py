@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -15,12 +17,12 @@ import cv2
 import numpy as np
 import pytest
 
-from plugin.errors import TaskError
+from plugin.errors import Stopped, TaskError
 from plugin.format.classes import build_mapping
 from plugin.format.masks import write_masks
 from plugin.format.project import list_items, read_meta
 from plugin.nn.devices import WorldPlan
-from plugin.training import distributed
+from plugin.training import distributed, stop
 from plugin.settings import RESIZE, Scale, parse_steps
 from plugin.training.augment import build_augmenter
 from plugin.training.data import CorruptionBudget, SegmentationDataset, prepare_masks
@@ -258,3 +260,20 @@ def test_samples_from_the_read_only_masks_are_those_of_the_uncached_ones(tmp_pat
         np.testing.assert_array_equal(image, want_image)
         np.testing.assert_array_equal(mask, want_mask)
     assert all(not m.flags.writeable for m in cached)
+
+
+@pytest.mark.parametrize("builder", [True, False], ids=["builder", "waiter"])
+def test_a_stop_signal_ends_the_build_or_the_wait(tmp_path, builder):
+    project = make_project(tmp_path / "p")
+    folder = tmp_path / "cache"
+    stop.install()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)  # recorded by the handler, as docker stop's would be
+        start = time.monotonic()
+        with pytest.raises(Stopped):
+            load(project, folder, builder=builder)
+        assert time.monotonic() - start < 5
+    finally:
+        stop.uninstall()
+    assert not folder.exists() or not list(folder.iterdir())  # no pack, no partial file left
+    assert not multiprocessing.active_children()
