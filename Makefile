@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-.PHONY: venv test demo bench bench-quality clean train-image inference-image images image-test
+.PHONY: venv test demo bench bench-masks bench-quality clean train-image inference-image images image-test
 
 venv: $(VENV)/.installed
 
@@ -27,6 +27,11 @@ demo: venv
 
 bench: venv
 	$(PY) -m benchmarks.run
+
+# The masks command against the Supervisely SDK (its venv: see benchmarks/masks.py) and the training
+# mask cache on 10,000 generated annotations.
+bench-masks: venv
+	$(PY) -m benchmarks.masks
 
 # Model quality on ../shared/data/isbi2012-membranes: default vs legacy recipe (about 30 minutes of
 # training each on 2 cores).

@@ -19,7 +19,8 @@ setup(
         # 2.6: fused Adam(W) on the CPU with found_inf, and torch.nn.utils.get_total_norm.
         "torch>=2.6,<3",
         "numpy>=1.24,<3",
-        "opencv-python-headless>=4.8",
+        # 4.12: IMWRITE_PNG_FILTER, which the `masks` command sets.
+        "opencv-python-headless>=4.12",
         "jsonschema>=4.17,<5",
         "Pillow>=9.5",
         "requests>=2.28,<3",

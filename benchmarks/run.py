@@ -29,10 +29,10 @@ import torch
 import torch.distributed as dist
 
 from benchmarks import resume
+from benchmarks.masks import bench_rasterize
 from plugin.format.classes import NEUTRAL_INDEX, build_mapping
 from plugin.format.geometry import encode_bitmap
-from plugin.format.masks import rasterize
-from plugin.format.project import list_items, read_annotation, read_meta
+from plugin.format.project import list_items, read_meta
 from plugin.inference import modes
 from plugin.inference.predictor import Predictor
 from plugin.nn.devices import WorldPlan
@@ -94,20 +94,6 @@ def make_bench_project(root: Path, images: int, seed: int = 0) -> Path:
         }
         (root / "ds" / "ann" / f"{name}.json").write_text(json.dumps(ann))
     return root
-
-
-def bench_rasterize(project: Path, repeats: int) -> float:
-    meta = read_meta(project)
-    mapping = build_mapping(meta, "bg", "neutral")
-    anns = [read_annotation(item.ann_path, meta) for item in list_items(project)]
-    start = time.perf_counter()
-    for _ in range(repeats):
-        for ann in anns:
-            rasterize(ann, mapping)
-    rate = repeats * len(anns) / (time.perf_counter() - start)
-    print(f"rasterize: {rate:,.0f} annotations/s over {len(anns)} annotations x {repeats} "
-          f"(ratio to the 2,000/s target: {rate / 2000:.1f}x)")
-    return rate
 
 
 def bench_loader_vs_step(project: Path, size: int, batch: int, workers: int, steps: int) -> float:

@@ -47,19 +47,22 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _masks(args: argparse.Namespace) -> None:
-    from plugin.config import read_train_config
     from plugin.format.images import set_max_image_pixels
     from plugin.format.masks import write_masks
 
     background, neutral, limit = "bg", "neutral", args.max_image_pixels
     if args.config is not None:
+        # Only with --config: the schema validator costs a quarter of the command's start-up.
+        from plugin.config import read_train_config
+
         config = read_train_config(Path(args.config))
         background, neutral = config.background, config.neutral
         # The option wins; else the limit the config trains with.
         limit = config.max_image_pixels if limit is None else limit
     if limit is not None:
         set_max_image_pixels(limit)
-    count = write_masks(Path(args.project), Path(args.out), background, neutral)
+    workers = None if args.workers == "auto" else int(args.workers)
+    count = write_masks(Path(args.project), Path(args.out), background, neutral, workers)
     log.info(
         f"wrote {count} masks and class_title_to_idx.json to {args.out}", extra={"masks": count}
     )
@@ -94,6 +97,12 @@ def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
     return int(text)
+
+
+def _workers(text: str) -> str:
+    if text != "auto":
+        _positive_int(text)
+    return text
 
 
 def _add_pixel_limit(parser: argparse.ArgumentParser) -> None:
@@ -139,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--config", help="task_config.json to take special_classes and max_image_pixels from "
                    "(default: bg / neutral, 2^28)")
+    p.add_argument("--workers", type=_workers, default="auto",
+                   help="processes that draw and write the masks (default: auto, one per available core)")
     _add_pixel_limit(p)
 
     p = add("augment-preview", "write augmented training samples as PNGs, the mask overlaid in the class colours")

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from plugin.errors import TaskError
 from plugin.format.classes import ClassMapping, build_mapping
 from plugin.format.geometry import draw
 from plugin.format.images import read_image_size
 from plugin.format.project import (
     Annotation,
+    Item,
+    ProjectMeta,
     check_image_size,
     find_project,
     list_items,
@@ -20,6 +24,11 @@ from plugin.format.project import (
     read_meta,
 )
 from plugin.jsonfile import refuse_symlink, write_file, write_json
+from plugin.parallel import Failure, ordered_map, resolve_workers
+
+# No row filter and run-length matching: a class mask is long runs of one value, which filters only
+# blur; about 25% faster than OpenCV's default (filter SUB) and smaller. The pixels decode the same.
+PNG_PARAMS = (cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_NONE, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE)
 
 
 def rasterize(ann: Annotation, mapping: ClassMapping) -> np.ndarray:
@@ -38,21 +47,32 @@ def draw_labels(ann: Annotation, index_of: Callable[[str], int | None]) -> np.nd
     return mask
 
 
-def write_masks(project_dir: Path, out_dir: Path, background: str, neutral: str) -> int:
+def write_masks(project_dir: Path, out_dir: Path, background: str, neutral: str, workers: int | None = None) -> int:
     """OUT/<dataset>/<image file name>.png for every image, plus OUT/class_title_to_idx.json (neutral
     included); returns the number of masks written. project_dir may also be a folder holding one project.
     Each annotation is checked against its image's size, as training checks it; nothing is written
-    through a symbolic link (OUT, its dataset folders and files)."""
+    through a symbolic link (OUT, its dataset folders and files). `workers` processes share the
+    images (None: one per available core); the first failing image, in item order, raises."""
     project_dir, out_dir = find_project(Path(project_dir)), Path(out_dir)
     refuse_symlink(out_dir)
     meta = read_meta(project_dir)
     mapping = build_mapping(meta, background, neutral)
     items = list_items(project_dir)
-    for item in items:
+    job = partial(_write_mask, meta=meta, mapping=mapping, out_dir=out_dir)
+    for failure in ordered_map(job, items, resolve_workers(workers, len(items))):
+        if failure is not None:
+            raise failure.error()
+    write_json(out_dir / "class_title_to_idx.json", mapping.with_neutral())
+    return len(items)
+
+
+def _write_mask(item: Item, meta: ProjectMeta, mapping: ClassMapping, out_dir: Path) -> Failure | None:
+    try:
         ann = read_annotation(item.ann_path, meta)
         check_image_size(item, ann, *read_image_size(item.image_path))
         mask = rasterize(ann, mapping)
         refuse_symlink(out_dir / item.dataset)
-        write_file(out_dir / item.dataset / f"{item.name}.png", cv2.imencode(".png", mask)[1].tobytes())
-    write_json(out_dir / "class_title_to_idx.json", mapping.with_neutral())
-    return len(items)
+        write_file(out_dir / item.dataset / f"{item.name}.png", cv2.imencode(".png", mask, PNG_PARAMS)[1].tobytes())
+    except TaskError as exc:
+        return Failure.of(exc)
+    return None

@@ -1,9 +1,9 @@
 """Samples for training: split a project by tags, cache the class masks, load and normalise images.
 
-Masks are rasterized once, in the main process, at the size training uses (the input size, or the
-image at the crop scale), and kept as a uint8 array per image: the legacy trainer redrew every
-annotation in every epoch, which cost more than the forward pass at small input sizes. Images are decoded per sample, so memory stays bounded by the
-masks alone.
+Masks are rasterized once, at the size training uses (the input size, or the image at the crop
+scale), and kept as a uint8 array per image (mask_cache.py keeps them on disk, memory-mapped): the
+legacy trainer redrew every annotation in every epoch, which cost more than the forward pass at
+small input sizes. Images are decoded per sample, so memory stays bounded by the masks alone.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from plugin.errors import TaskError
 from plugin.format.classes import NEUTRAL_INDEX, ClassMapping
 from plugin.format.images import read_image_size
 from plugin.format.masks import rasterize
-from plugin.format.project import Item, ProjectMeta, check_image_size, read_annotation, read_image_tags
+from plugin.format.project import Annotation, Item, ProjectMeta, check_image_size, read_annotation, read_image_tags
 from plugin.nn.preprocess import PAD_COLOR, normalize, read_resized, resize_mask
 from plugin.settings import RESIZE, Scale
 from plugin.training.augment import Augmenter, sample_seed
@@ -107,7 +107,8 @@ def prepare_masks(
 
     Checks each annotation against its image's oriented size (EXIF applied, as decoding does), so
     that a size mismatch or an unreadable image is found before training starts. Corrupted items
-    are dropped within the budget.
+    are dropped within the budget. (Training goes through mask_cache.py, which draws the same masks
+    once per task and keeps them on disk.)
     """
     kept: list[Item] = []
     masks: list[np.ndarray] = []
@@ -116,12 +117,7 @@ def prepare_masks(
             ann = read_annotation(item.ann_path, meta)
             height, width = read_image_size(item.image_path)
             check_image_size(item, ann, height, width)
-            labels = rasterize(ann, mapping)
-            if isinstance(size, tuple):
-                target = size
-            else:
-                target = max(1, round(width * size)), max(1, round(height * size))
-            mask = labels if target == (width, height) else resize_mask(labels, *target)
+            mask = training_mask(ann, mapping, mask_target(size, height, width))
         except TaskError as exc:
             budget.spend(exc.where or item.ann_path, exc)
         else:
@@ -130,6 +126,19 @@ def prepare_masks(
         if on_item is not None:
             on_item()
     return kept, masks
+
+
+def mask_target(size: tuple[int, int] | float, height: int, width: int) -> tuple[int, int]:
+    """(width, height) of an image's training mask: `size`, or for a number the image's size times it."""
+    if isinstance(size, tuple):
+        return size
+    return max(1, round(width * size)), max(1, round(height * size))
+
+
+def training_mask(ann: Annotation, mapping: ClassMapping, target: tuple[int, int]) -> np.ndarray:
+    """The annotation's class mask at `target` (width, height), nearest-neighbour resized."""
+    labels = rasterize(ann, mapping)
+    return labels if target == (ann.width, ann.height) else resize_mask(labels, *target)
 
 
 class SegmentationDataset(Dataset):

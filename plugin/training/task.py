@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 from pathlib import Path
 
 import torch
@@ -41,6 +42,7 @@ from plugin.training.data import (
 )
 from plugin.training.distributed import DistContext
 from plugin.training.loop import TrainSummary, fit
+from plugin.training.mask_cache import MaskCache, load_masks
 from plugin.training.sampler import EpochSampler
 from plugin.training.state import Fingerprint, fingerprint, load_state, save_state
 
@@ -82,8 +84,11 @@ def train_rank(ctx: DistContext, task: TaskDir, config: TrainConfig, world: Worl
     initial_weights = None if resume else read_initial_weights(task.model_dir, config.weights_init_type, mapping)
 
     splits = split_items(items, config.train_tag, config.val_tag)
-    train_data = build_dataset("train", splits["train"], meta, mapping, config)
-    val_data = build_dataset("val", splits["val"], meta, mapping, config)
+    # The node's local rank 0 draws the masks; the others wait for this run's token, then map its files.
+    token = distributed.broadcast_from_main(secrets.token_hex(8))
+    cache = MaskCache(task.tmp_dir / "mask_cache", builder=ctx.local_rank == 0, token=token)
+    train_data = build_dataset("train", splits["train"], meta, mapping, config, cache)
+    val_data = build_dataset("val", splits["val"], meta, mapping, config, cache)
     titles = titles_by_index(mapping.title_to_idx)
     class_weights = resolve_class_weights(config.class_weights, titles, train_data.masks, NEUTRAL_INDEX)
     if config.class_weights == "auto" and ctx.is_main:
@@ -187,10 +192,12 @@ def apply_initial_weights(
 
 
 def build_dataset(
-    split: str, items: list, meta: ProjectMeta, mapping: ClassMapping, config: TrainConfig
+    split: str, items: list, meta: ProjectMeta, mapping: ClassMapping, config: TrainConfig,
+    cache: MaskCache | None = None,
 ) -> SegmentationDataset:
-    """The split's samples. Crop training validates on whole images at their own size (WholeImageDataset),
-    predicted tile by tile as inference will; everything else is sampled at the training scale."""
+    """The split's samples, their masks from the task's mask cache (drawn in this process without one).
+    Crop training validates on whole images at their own size (WholeImageDataset), predicted tile by
+    tile as inference will; everything else is sampled at the training scale."""
     size, scale = config.input_size, config.scale
     whole = split == "val" and scale.crops
     budget = CorruptionBudget.create(split, config.allow_corrupted_samples.of(split))
@@ -202,7 +209,10 @@ def build_dataset(
 
     # Crop training keeps masks at the crop scale, its validation at the images' own size.
     mask_size = (1.0 if whole else scale.factor) if scale.crops else size
-    kept, masks = prepare_masks(items, meta, mapping, mask_size, budget, on_item=on_item)
+    if cache is None:
+        kept, masks = prepare_masks(items, meta, mapping, mask_size, budget, on_item=on_item)
+    else:
+        kept, masks = load_masks(items, meta, mapping, mask_size, budget, cache, split, on_item=on_item)
     if not kept:
         raise TaskError(f"every sample of the {split} split is corrupted", where=f"dataset_tags.{split}")
     if whole:
