@@ -28,7 +28,7 @@ from plugin.format.project import find_project, list_items, read_meta
 from plugin.nn.model import build_model
 from plugin.nn.precision import Precision, prepare_model, resolve_precision
 from plugin.synthetic import make_project
-from plugin.training.data import make_loader, resolve_workers, split_items
+from plugin.training.data import make_loader, loader_workers, split_items
 from plugin.training.loop import fit
 from plugin.training.step import loss_fn
 from plugin.training.sampler import EpochSampler
@@ -91,7 +91,7 @@ def time_fit(task: Path, device: torch.device) -> tuple[float, float, int]:
     mapping = build_mapping(meta, "bg", "neutral")
     splits = split_items(list_items(project), "train", "val")
     train, val = (build_dataset(s, splits[s], meta, mapping, config) for s in ("train", "val"))
-    workers = resolve_workers(config.data_workers.train, "train", 1)
+    workers = loader_workers(config.data_workers.train, "train", 1)
     sampler = EpochSampler(len(train), 0, 1, config.seed)
     loaders = {"train": TimedLoader(make_loader(train, config.batch_size.train, workers, sampler=sampler)),
                "val": make_loader(val, config.batch_size.val, 0)}
@@ -158,7 +158,7 @@ def bench_train_throughput(tmp: Path, size: int, images: int, batch: int, worker
     bare_s = time_bare(task, device, precision, compile_)
     ratio = epoch_s / bare_s
     print(f"train throughput ({device.type}, amp {amp} = {precision.name}, compile {compile_}, {size}x{size}, "
-          f"batch {batch}, {count} images, {resolve_workers(workers, 'train', 1)} loader workers): epoch "
+          f"batch {batch}, {count} images, {loader_workers(workers, 'train', 1)} loader workers): epoch "
           f"{epoch_s:.2f} s ({count / epoch_s:.1f} images/s), bare loop {bare_s:.2f} s ({count / bare_s:.1f} "
           f"images/s) -> ratio {ratio:.3f} (target <= 1.05); waiting for the loader {waited_s / epoch_s:.1%} of the epoch")
     return ratio

@@ -36,7 +36,7 @@ TRAIN_DEFAULTS: dict = {
     "batch_size": {"train": 8, "val": 8},
     "dataset_tags": {"train": "train", "val": "val"},
     # The val loader runs a small fraction of the time, so one worker keeps it from stalling training.
-    # The cores each training process has (training/data.py resolve_workers); a GPU step outruns any one
+    # The cores each training process has (training/data.py loader_workers); a GPU step outruns any one
     # worker's decoding and augmentation.
     "data_workers": {"train": "auto", "val": "auto"},
     "special_classes": {"background": "bg", "neutral": "neutral"},

@@ -27,7 +27,7 @@ from plugin.training.data import (
     WholeImageDataset,
     make_loader,
     prepare_masks,
-    resolve_workers,
+    loader_workers,
 )
 from tests.test_reduced_decode import write_jpeg
 
@@ -107,13 +107,13 @@ def test_augmented_samples_stay_deterministic(tmp_path: Path) -> None:
 )
 def test_auto_workers_share_the_available_cores(monkeypatch, cores, split, processes, expected) -> None:
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(cores)), raising=False)
-    assert resolve_workers("auto", split, processes) == expected
+    assert loader_workers("auto", split, processes) == expected
 
 
 def test_a_worker_count_is_taken_as_given(monkeypatch) -> None:
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0}, raising=False)
-    assert resolve_workers(12, "train", 1) == 12
-    assert resolve_workers(0, "val", 4) == 0
+    assert loader_workers(12, "train", 1) == 12
+    assert loader_workers(0, "val", 4) == 0
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import os
 import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from plugin.format.images import read_image_size
 from plugin.format.masks import rasterize
 from plugin.format.project import Annotation, Item, ProjectMeta, check_image_size, read_annotation, read_image_tags
 from plugin.nn.preprocess import PAD_COLOR, normalize, read_resized, resize_mask
+from plugin.parallel import available_cores
 from plugin.settings import RESIZE, Scale
 from plugin.training.augment import Augmenter, sample_seed
 from plugin.training.crops import crop_origin, cut, foreground_pixels
@@ -250,13 +250,12 @@ class WholeImageDataset(SegmentationDataset):
 AUTO_WORKER_CAP = {"train": 8, "val": 4}
 
 
-def resolve_workers(setting: int | str, split: str, processes_per_node: int) -> int:
+def loader_workers(setting: int | str, split: str, processes_per_node: int) -> int:
     """Loader workers of a data_workers value: a count as given; "auto", the cores this process may
     run on shared among the node's training processes, at least 1 and at most AUTO_WORKER_CAP."""
     if setting != "auto":
         return int(setting)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(AUTO_WORKER_CAP[split], cores // max(1, processes_per_node)))
+    return max(1, min(AUTO_WORKER_CAP[split], available_cores() // max(1, processes_per_node)))
 
 
 # Batches each loader worker keeps ready (torch's default, set here because throughput rests on it):

@@ -36,7 +36,7 @@ from plugin.training.data import (
     WholeImageDataset,
     make_loader,
     prepare_masks,
-    resolve_workers,
+    loader_workers,
     split_items,
     val_shard,
 )
@@ -100,7 +100,7 @@ def train_rank(ctx: DistContext, task: TaskDir, config: TrainConfig, world: Worl
     train_sampler = EpochSampler(len(train_data), ctx.rank, ctx.world_size, config.seed)
     val_indices, val_real = val_shard(len(val_data), ctx.rank, ctx.world_size)
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
-    workers = {split: resolve_workers(config.data_workers.of(split), split, per_node) for split in ("train", "val")}
+    workers = {split: loader_workers(config.data_workers.of(split), split, per_node) for split in ("train", "val")}
     loaders = {
         "train": make_loader(train_data, config.batch_size.train, workers["train"], sampler=train_sampler),
         # Whole images of any size, one per batch: batch_size.val then counts the tiles per forward.
