@@ -223,7 +223,7 @@ def main() -> None:
         project = make_bench_project(Path(tmp) / "bench", args.images)
         bench_rasterize(project, args.repeats)
         bench_loader_vs_step(project, args.size, args.batch, args.workers, args.steps)
-        inference.bench_full_image(Path(tmp), 8, 1024, 256, 8, repeats=2)
+        inference.bench_full_image(Path(tmp), 12, 1024, 256, 4, repeats=2)
         inference.bench_sliding_window(Path(tmp), 2, 1024, args.window, 32, args.infer_input, 8, repeats=2)
         inference.bench_inference_memory(Path(tmp), 4096, 512, args.infer_input)
     bench_ddp(args.ddp_size, args.ddp_batch, args.ddp_steps)

@@ -9,10 +9,12 @@ from __future__ import annotations
 import base64
 import io
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from plugin.errors import TaskError
 from plugin.format.geometry import Bitmap, Rectangle, bitmap_to_json
@@ -43,6 +45,7 @@ class ReadItem:
     image: np.ndarray
     doc: dict
     labels: list[Label]  # bboxes: the labels of plan.bbox_sources; else empty
+    inputs: torch.Tensor | None = None  # the image's network input, when the reader prepares it
 
 
 @dataclass(frozen=True)
@@ -53,9 +56,12 @@ class Unreadable:
     error: TaskError
 
 
-def read_item(item: Item, meta: ProjectMeta, plan: OutputPlan) -> ReadItem | Unreadable:
+def read_item(
+    item: Item, meta: ProjectMeta, plan: OutputPlan, prepare: Callable[[np.ndarray], torch.Tensor] | None = None
+) -> ReadItem | Unreadable:
     """Decode an item's image and check its annotation against it; an undecodable image is returned
-    as Unreadable, any other problem raises."""
+    as Unreadable, any other problem raises. `prepare` makes the image's network input here, in the
+    reader thread, rather than on the device's thread."""
     try:
         image = read_image(item.image_path)
     except TaskError as exc:
@@ -66,7 +72,7 @@ def read_item(item: Item, meta: ProjectMeta, plan: OutputPlan) -> ReadItem | Unr
     if plan.save_probabilities and not isinstance(doc.get("customBigData") or {}, dict):
         raise TaskError("'customBigData' must be a JSON object to add the probabilities to", where=item.ann_path)
     labels = [label for label in ann.labels if label.class_title in plan.bbox_sources]
-    return ReadItem(item, image, doc, labels)
+    return ReadItem(item, image, doc, labels, None if prepare is None else prepare(image))
 
 
 def write_item(read: ReadItem, prediction: modes.Prediction, plan: OutputPlan, out_dir: Path) -> int:

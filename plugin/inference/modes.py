@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from plugin.config import parse_side
 from plugin.errors import TaskError
@@ -48,12 +49,16 @@ def full_image(predictor: Predictor, image: np.ndarray) -> Prediction:
 
 
 def full_images(
-    predictor: Predictor, images: Sequence[np.ndarray], windows_per_forward: int = REGION_BATCH
+    predictor: Predictor,
+    images: Sequence[np.ndarray],
+    windows_per_forward: int = REGION_BATCH,
+    inputs: Sequence[torch.Tensor] | None = None,
 ) -> list[Prediction]:
-    """full_image of several images: one forward for all of them with a resize-trained model, or
-    each tiled `windows_per_forward` windows at a time with a crop-trained one (Predictor.regions)."""
+    """full_image of several images: one forward for all of them with a resize-trained model (`inputs`:
+    their Predictor.network_input, made beforehand), or each tiled `windows_per_forward` windows at a
+    time with a crop-trained one (Predictor.regions)."""
     predictions = []
-    for probs, image in zip(predictor.regions(images, windows_per_forward), images):
+    for probs, image in zip(predictor.regions(images, windows_per_forward, inputs), images):
         height, width = image.shape[:2]
         predictions.append(Prediction(probs.cpu().numpy(), None, [Rectangle(0, 0, width - 1, height - 1)]))
     return predictions

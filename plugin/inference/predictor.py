@@ -69,12 +69,21 @@ class Predictor:
         """Probabilities (C, H, W) of a whole image or box at the training scale (see `regions`)."""
         return self.regions([image])[0]
 
-    def regions(self, images: Sequence[np.ndarray], windows_per_forward: int = REGION_BATCH) -> list[torch.Tensor]:
+    def network_input(self, image: np.ndarray) -> torch.Tensor:
+        """The (3, h, w) input that `regions` feeds a resize-trained model for a whole image, on the CPU."""
+        return network_inputs([image], self.input_size)[0]
+
+    def regions(
+        self,
+        images: Sequence[np.ndarray],
+        windows_per_forward: int = REGION_BATCH,
+        inputs: Sequence[torch.Tensor] | None = None,
+    ) -> list[torch.Tensor]:
         """Probabilities (C, H, W) of whole images or boxes of any sizes, presented at the training scale.
 
-        A resize-trained (or legacy) model sees them all resized to its input size in one forward, and
-        each output is resized back to its image; a crop-trained model tiles each image with its
-        training window, `windows_per_forward` windows at a time.
+        A resize-trained (or legacy) model sees them all resized to its input size in one forward
+        (`inputs`: their network_input, made beforehand), and each output is resized back to its image;
+        a crop-trained model tiles each image with its training window, `windows_per_forward` at a time.
         """
         if self.scale.crops:
             win_w, win_h = self.window
@@ -86,7 +95,8 @@ class Predictor:
                 for image in images
             ]
         with torch.inference_mode():
-            batch = network_inputs(images, self.input_size).to(self.device)
+            batch = (network_inputs(images, self.input_size) if inputs is None else torch.stack(list(inputs)))
+            batch = batch.to(self.device)
             probs = network_probabilities(self.model, batch, self.tta, self.precision)
             # One image at a time: an image's output does not depend on what it was batched with.
             return [resize_probabilities(p[None], image.shape[:2])[0] for p, image in zip(probs, images)]

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+
+import numpy as np
+import torch
 
 from plugin import agent_log
 from plugin.config import read_inference_config
@@ -75,13 +79,14 @@ def infer_task(task: TaskDir) -> InferSummary:
             extra={"file": str(unreadable.item.image_path)},
         )
 
+    batch_size, prepare = batching(mode, predictor)
     objects = run_pipeline(
         items,
-        read=lambda item: read_item(item, meta, plan),
+        read=lambda item: read_item(item, meta, plan, prepare),
         predict=lambda batch: predict(mode, predictor, batch),
         write=lambda read, prediction: write_item(read, prediction, plan, staging),
         skip=skip,
-        batch_size=images_per_forward(mode, predictor),
+        batch_size=batch_size,
         progress=agent_log.Progress("Model applying: ", len(items)),
     )
 
@@ -154,17 +159,22 @@ def _bbox_sources(mode: Mode, meta: ProjectMeta) -> list[str]:
     return list(wanted)
 
 
-def images_per_forward(mode: Mode, predictor: Predictor) -> int:
-    """full_image of a resize-trained model batches images (mode.batch_size); for a crop-trained one
-    batch_size counts windows, and every other mode predicts one image at a time."""
-    return mode.batch_size if mode.name == "full_image" and not predictor.scale.crops else 1
+def batching(mode: Mode, predictor: Predictor) -> tuple[int, Callable[[np.ndarray], torch.Tensor] | None]:
+    """(images per forward, what the reader threads prepare of each image). full_image of a
+    resize-trained model batches mode.batch_size images, resized and normalised by the readers so that
+    the device's thread only stacks them; for a crop-trained model batch_size counts windows, and every
+    other mode predicts one image at a time."""
+    if mode.name == "full_image" and not predictor.scale.crops:
+        return mode.batch_size, predictor.network_input
+    return 1, None
 
 
 def predict(mode: Mode, predictor: Predictor, batch: list[ReadItem]) -> list[modes.Prediction]:
-    """The mode's predictions for a batch of images (one image unless images_per_forward says more);
+    """The mode's predictions for a batch of images (one image unless `batching` says more);
     a sliding_window mode has its window resolved (window_plan)."""
     if mode.name == "full_image":
-        return modes.full_images(predictor, [read.image for read in batch], mode.batch_size)
+        inputs = [read.inputs for read in batch] if all(read.inputs is not None for read in batch) else None
+        return modes.full_images(predictor, [read.image for read in batch], mode.batch_size, inputs)
     return [_predict_one(mode, predictor, read) for read in batch]
 
 
