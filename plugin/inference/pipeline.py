@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from plugin import agent_log
@@ -27,6 +27,10 @@ from plugin.inference.modes import Prediction
 # Threads per pool. Decoding and encoding an image take a few per cent of its forward on a GPU, so a
 # few threads keep up, and more would take cores from the forward's own preprocessing.
 MAX_WORKERS = 4
+# A batch holds at most this many image pixels (8 images of 2896x2896), decoded images waiting for
+# their batch twice as many: a batch's full-size probabilities take 4 bytes per pixel and class, and
+# large images must not multiply that by batch_size.
+BATCH_PIXELS = 2**26
 
 
 def run_pipeline(
@@ -41,8 +45,9 @@ def run_pipeline(
     """Read, predict and write every item; the number of objects written.
 
     `read` and `write` run in worker threads, `predict` in the calling thread on `batch_size` items at
-    a time; `skip` is called in item order for each unreadable image, and raises to end the run.
-    PROGRESS ticks once per item, when it is written or skipped.
+    a time (fewer where they would pass BATCH_PIXELS); `skip` is called in item order for each
+    unreadable image, and raises to end the run. PROGRESS ticks once per item, when it is written or
+    skipped.
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     decoders = ThreadPoolExecutor(min(MAX_WORKERS, cores), thread_name_prefix="infer-read")
@@ -71,13 +76,21 @@ def run_pipeline(
         writes.extend(writers.submit(write_and_tick, *pair) for pair in zip(batch, predictions))
 
     upcoming = iter(items)
+
+    def read_ahead() -> None:
+        while len(reads) < 2 * batch_size and sum(_pixels(f) for f in reads if f.done()) < 2 * BATCH_PIXELS:
+            item = next(upcoming, None)
+            if item is None:
+                return
+            reads.append(decoders.submit(read, item))
+
     try:
-        reads.extend(decoders.submit(read, item) for item in _take(upcoming, 2 * batch_size))
+        read_ahead()
         batch: list[ReadItem] = []
         failure: Exception | None = None
         while reads:
             future = reads.popleft()
-            reads.extend(decoders.submit(read, item) for item in _take(upcoming, 1))
+            read_ahead()
             try:
                 result = future.result()
                 if isinstance(result, Unreadable):
@@ -88,7 +101,7 @@ def run_pipeline(
                 failure = exc  # raised once the items before it are predicted and written, as a loop would
                 break
             batch.append(result)
-            if len(batch) == batch_size:
+            if len(batch) == batch_size or sum(_pixels(r) for r in batch) >= BATCH_PIXELS:
                 flush(batch)
                 batch = []
         flush(batch)
@@ -122,5 +135,7 @@ def _results(futures: deque[Future]) -> list:
     return done
 
 
-def _take(iterator: Iterator[Item], n: int) -> list[Item]:
-    return [item for _, item in zip(range(n), iterator)]
+def _pixels(read: ReadItem | Unreadable | Future) -> int:
+    if isinstance(read, Future):
+        read = read.result() if read.exception() is None else None
+    return read.image.shape[0] * read.image.shape[1] if isinstance(read, ReadItem) else 0
