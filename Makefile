@@ -27,6 +27,7 @@ demo: venv
 
 bench: venv
 	$(PY) -m benchmarks.run
+	$(PY) -m benchmarks.masks
 
 # The masks command against the Supervisely SDK (its venv: see benchmarks/masks.py) and the training
 # mask cache on 10,000 generated annotations.

@@ -3,13 +3,18 @@
 1. Mask rasterization rate (annotations/s) on images up to 1,200 px with up to 12 objects; target >= 2,000/s.
 2. Data loader sample rate against the rate one training step consumes samples (256x256, batch 12,
    CPU); target ratio >= 10.
-3. sliding_window on a 2048x2048 image: the share of its time a bare batched forward over the same
-   tiles takes; target >= 90%.
-4. Peak memory (max RSS) of a whole inference run on one 4096x4096 image with a 5-class model; target < 2 GB.
+3-4. Whole inference tasks (full_image, sliding_window) on 1024x1024 images against a bare batched
+   forward, target <= 1.15x; peak memory of a sliding_window run on one 4096x4096 image, target < 2 GB
+   (benchmarks/inference.py).
 5. Data-parallel training: the step time of 1 process against 2 gloo processes on this machine (the
    same batch per process), and the share of the 2-process step spent in the gradient all-reduce.
 6-8. Stopping and resuming: SIGTERM to exit at 256x256, the resume state's size, and the share of a
    demo epoch its writes take (benchmarks/resume.py).
+9. Loader samples/s per worker process, reduced against full JPEG decode (benchmarks/loader.py).
+10. Train throughput: a fit() epoch against a bare loop over the same batches, target <= 1.05; on
+   CUDA also fp32 against AMP, channels_last and compile (benchmarks/train.py).
+The masks command against the SDK and the mask cache figures run next (`make bench` runs
+benchmarks/masks.py after this module).
 """
 
 from __future__ import annotations
@@ -17,8 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,19 +31,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from benchmarks import resume
+from benchmarks import inference, loader, resume, train
 from benchmarks.masks import bench_rasterize
 from plugin.format.classes import NEUTRAL_INDEX, build_mapping
 from plugin.format.geometry import encode_bitmap
 from plugin.format.project import list_items, read_meta
-from plugin.inference import modes
-from plugin.inference.predictor import Predictor
 from plugin.nn.devices import WorldPlan
 from plugin.nn.losses import segmentation_loss
 from plugin.nn.model import build_model
-from plugin.nn.preprocess import normalize, resize_image
 from plugin.training import distributed
-from plugin.training.checkpoints import legacy_state_dict
 from plugin.training.data import CorruptionBudget, SegmentationDataset, make_loader, prepare_masks
 
 CLASSES = [
@@ -129,83 +128,6 @@ def bench_loader_vs_step(project: Path, size: int, batch: int, workers: int, ste
     return ratio
 
 
-def seeded_predictor(num_classes: int, input_size: int) -> Predictor:
-    torch.manual_seed(0)
-    titles = ["bg"] + [f"class_{i}" for i in range(1, num_classes)]
-    out_classes = [{"title": t, "shape": "bitmap", "color": "#FF0000", "geometry_config": {}} for t in titles]
-    return Predictor(build_model(num_classes).eval(), torch.device("cpu"), (input_size, input_size), titles, out_classes)
-
-
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def bench_sliding_window(size: int, window: int, overlap: int, input_size: int, batch: int, repeats: int = 2) -> float:
-    predictor = seeded_predictor(5, input_size)
-    image = cv2.GaussianBlur(np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8), (0, 0), 2)
-    starts = modes.window_starts(size, window, window - overlap)
-    tiles = [image[t : t + window, l : l + window] for t in starts for l in starts]
-    inputs = torch.stack([normalize(resize_image(tile, input_size, input_size)) for tile in tiles])
-
-    def whole() -> None:
-        modes.sliding_window(predictor, image, (window, window), (overlap, overlap), batch)
-
-    def bare() -> None:
-        with torch.inference_mode():
-            for i in range(0, len(inputs), batch):
-                predictor.model(inputs[i : i + batch])
-
-    modes.sliding_window(predictor, image[:window, :window], (window, window), (overlap, overlap), batch)  # warm-up
-    # Best of `repeats`, interleaved, so that load from other processes skews both sides alike.
-    total, forward = float("inf"), float("inf")
-    for _ in range(repeats):
-        total = min(total, _timed(whole))
-        forward = min(forward, _timed(bare))
-    share = forward / total
-    print(f"sliding_window {size}x{size}: {len(tiles)} windows of {window} px (overlap {overlap}, input {input_size}, "
-          f"batch {batch}) in {total:.1f} s; bare batched forward {forward:.1f} s -> {share:.1%} of the time in the "
-          f"forward (target >= 90%)")
-    return share
-
-
-def bench_inference_memory(tmp: Path, size: int, window: int, input_size: int) -> float:
-    task = tmp / "memory_task"
-    project = task / "data" / "big"
-    (project / "ds" / "img").mkdir(parents=True)
-    (project / "ds" / "ann").mkdir(parents=True)
-    (project / "meta.json").write_text(json.dumps({"classes": [], "tags": []}))
-    image = cv2.GaussianBlur(np.random.default_rng(1).integers(0, 256, (size, size, 3), dtype=np.uint8), (0, 0), 3)
-    cv2.imwrite(str(project / "ds" / "img" / "big.jpg"), image)
-    ann = {"size": {"height": size, "width": size}, "tags": [], "objects": []}
-    (project / "ds" / "ann" / "big.jpg.json").write_text(json.dumps(ann))
-    predictor = seeded_predictor(5, input_size)
-    (task / "model").mkdir()
-    torch.save(legacy_state_dict(predictor.model), task / "model" / "model.pt")
-    settings = {"input_size": {"width": input_size, "height": input_size}}
-    mapping = {t: i for i, t in enumerate(predictor.class_titles)}
-    (task / "model" / "config.json").write_text(json.dumps(
-        {"settings": settings, "out_classes": predictor.out_classes, "class_title_to_idx": mapping}))
-    config = {"mode": {"name": "sliding_window", "window": {"width": window, "height": window},
-                       "min_overlap": {"x": 64, "y": 64}, "batch_size": 8}}
-    (task / "task_config.json").write_text(json.dumps(config))
-    del predictor, image
-    command = [sys.executable, "-m", "entrypoints.inference", "--task-dir", str(task), "--log-format", "json"]
-    start = time.perf_counter()
-    # wait4 gives this child's own peak; RUSAGE_CHILDREN would also count earlier children (loader workers).
-    with open(tmp / "memory_task.log", "w") as log_file:
-        proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    elapsed = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"inference failed: {(tmp / 'memory_task.log').read_text()[-3000:]}")
-    peak = usage.ru_maxrss / 2**20  # KiB -> GiB
-    print(f"inference peak memory: {peak:.2f} GiB max RSS for a whole sliding_window run on one {size}x{size} image, "
-          f"5 classes, window {window}, input {input_size} ({elapsed:.0f} s; target < 2 GB)")
-    return peak
-
-
 def _timed_allreduce(state: dict, bucket):  # no annotations: DDP compares them to its own types, and ours are strings
     # DDP's own hook is asynchronous and overlaps the backward pass; this one waits for each all-reduce
     # so its time can be measured: the share it reports is an upper bound of what the overlap leaves.
@@ -292,8 +214,16 @@ def main() -> None:
         project = make_bench_project(Path(tmp) / "bench", args.images)
         bench_rasterize(project, args.repeats)
         bench_loader_vs_step(project, args.size, args.batch, args.workers, args.steps)
-        bench_sliding_window(2048, args.window, 32, args.infer_input, 8)
-        bench_inference_memory(Path(tmp), 4096, 512, args.infer_input)
+        inference.bench_full_image(Path(tmp), 12, 1024, 256, 4, repeats=2)
+        inference.bench_sliding_window(Path(tmp), 2, 1024, args.window, 32, args.infer_input, 8, repeats=2)
+        inference.bench_inference_memory(Path(tmp), 4096, 512, args.infer_input)
+        loader.bench_loader_per_worker(Path(tmp), 8, 48, 3, 8)
+        train.bench_train_throughput(Path(tmp), 96, 32, 4, "auto", torch.device("cpu"))
+        if torch.cuda.is_available():
+            train.bench_gpu(Path(tmp), 256, 512, 32)
+        else:
+            print("GPU figures (train images/s fp32 vs AMP, channels_last, compile): skipped, no CUDA device here; "
+                  "on one: .venv/bin/python -m benchmarks.train --device cuda --size 256 --images 512 --batch 32")
     bench_ddp(args.ddp_size, args.ddp_batch, args.ddp_steps)
     _bench_resume(args)
 

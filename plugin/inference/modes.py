@@ -12,12 +12,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from plugin.config import parse_side
 from plugin.errors import TaskError
 from plugin.format.geometry import Rectangle, bounding_box
 from plugin.format.project import Label
-from plugin.inference.predictor import Predictor
+from plugin.inference.predictor import REGION_BATCH, Predictor
 from plugin.nn.tiling import predict_tiled
 
 log = logging.getLogger(__name__)
@@ -44,9 +45,23 @@ class Prediction:
 def full_image(predictor: Predictor, image: np.ndarray) -> Prediction:
     """The whole image at the training scale (Predictor.region): resized to the input size and the
     probabilities resized back, or tiled with the training window for a crop-trained model."""
-    probs = predictor.region(image).cpu().numpy()
-    height, width = image.shape[:2]
-    return Prediction(probs, None, [Rectangle(0, 0, width - 1, height - 1)])
+    return full_images(predictor, [image])[0]
+
+
+def full_images(
+    predictor: Predictor,
+    images: Sequence[np.ndarray],
+    windows_per_forward: int = REGION_BATCH,
+    inputs: Sequence[torch.Tensor] | None = None,
+) -> list[Prediction]:
+    """full_image of several images: one forward for all of them with a resize-trained model (`inputs`:
+    their Predictor.network_input, made beforehand), or each tiled `windows_per_forward` windows at a
+    time with a crop-trained one (Predictor.regions)."""
+    predictions = []
+    for probs, image in zip(predictor.regions(images, windows_per_forward, inputs), images):
+        height, width = image.shape[:2]
+        predictions.append(Prediction(probs.cpu().numpy(), None, [Rectangle(0, 0, width - 1, height - 1)]))
+    return predictions
 
 
 def roi(predictor: Predictor, image: np.ndarray, bounds: dict[str, str]) -> Prediction:

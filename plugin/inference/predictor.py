@@ -16,8 +16,16 @@ from plugin.format.classes import titles_by_index
 from plugin.jsonfile import read_json
 from plugin.nn.devices import plan_devices
 from plugin.nn.model import build_model
+from plugin.nn.precision import Precision, prepare_model, resolve_precision
+from plugin.nn.tiling import (
+    crop_probabilities,
+    network_inputs,
+    network_probabilities,
+    predict_tiled,
+    resize_probabilities,
+    training_window,
+)
 from plugin.settings import RESIZE, Scale
-from plugin.nn.tiling import crop_probabilities, predict_tiled, training_window
 from plugin.nn.weights import CONFIG_NAME, WEIGHTS_NAME, load_continue, load_state_dict
 
 log = logging.getLogger(__name__)
@@ -37,6 +45,7 @@ class Predictor:
     out_classes: list[dict]  # {"title", "shape", "color", ...} as config.json lists them
     tta: tuple[str, ...] = ()  # FLIPS names whose flipped-back predictions are averaged in; () = one pass
     scale: Scale = RESIZE  # how training presented images; legacy checkpoints: resize
+    precision: Precision | None = None  # the forward's autocast and layout; None: float32
 
     @property
     def num_classes(self) -> int:
@@ -54,22 +63,48 @@ class Predictor:
         """Softmax probabilities (N, C, h, w) of same-sized RGB uint8 crops, each resized to the input
         size and back, on the model's device; with `tta`, averaged over the flips."""
         with torch.inference_mode():
-            return crop_probabilities(self.model, crops, self.input_size, self.device, self.tta)
+            return crop_probabilities(self.model, crops, self.input_size, self.device, self.tta, self.precision)
 
     def region(self, image: np.ndarray) -> torch.Tensor:
-        """Probabilities (C, H, W) of a whole image or box, presented at the training scale: resized
-        whole for a resize-trained (or legacy) model, tiled with the training window for a crop-trained one."""
-        if not self.scale.crops:
-            return self.probabilities([image])[0]
-        win_w, win_h = self.window
-        probs, _ = predict_tiled(
-            self.probabilities, image, self.window, (win_w // 2, win_h // 2), REGION_BATCH, self.num_classes, self.device
-        )
-        return probs
+        """Probabilities (C, H, W) of a whole image or box at the training scale (see `regions`)."""
+        return self.regions([image])[0]
+
+    def network_input(self, image: np.ndarray) -> torch.Tensor:
+        """The (3, h, w) input that `regions` feeds a resize-trained model for a whole image, on the CPU."""
+        return network_inputs([image], self.input_size)[0]
+
+    def regions(
+        self,
+        images: Sequence[np.ndarray],
+        windows_per_forward: int = REGION_BATCH,
+        inputs: Sequence[torch.Tensor] | None = None,
+    ) -> list[torch.Tensor]:
+        """Probabilities (C, H, W) of whole images or boxes of any sizes, presented at the training scale.
+
+        A resize-trained (or legacy) model sees them all resized to its input size in one forward
+        (`inputs`: their network_input, made beforehand), and each output is resized back to its image;
+        a crop-trained model tiles each image with its training window, `windows_per_forward` at a time.
+        """
+        if self.scale.crops:
+            win_w, win_h = self.window
+            return [
+                predict_tiled(
+                    self.probabilities, image, self.window, (win_w // 2, win_h // 2), windows_per_forward,
+                    self.num_classes, self.device,
+                )[0]
+                for image in images
+            ]
+        with torch.inference_mode():
+            batch = (network_inputs(images, self.input_size) if inputs is None else torch.stack(list(inputs)))
+            batch = batch.to(self.device)
+            probs = network_probabilities(self.model, batch, self.tta, self.precision)
+            # One image at a time: an image's output does not depend on what it was batched with.
+            return [resize_probabilities(p[None], image.shape[:2])[0] for p, image in zip(probs, images)]
 
 
-def load_predictor(model_dir: Path, gpu_device: int, tta: tuple[str, ...] = ()) -> Predictor:
-    """The model in model/, checked against its config.json; TaskError naming the file at fault."""
+def load_predictor(model_dir: Path, gpu_device: int, tta: tuple[str, ...] = (), amp: str = "auto") -> Predictor:
+    """The model in model/, checked against its config.json, on its device in the `amp` precision
+    (model.amp of the inference config); TaskError naming the file or key at fault."""
     config_path, weights_path = model_dir / CONFIG_NAME, model_dir / WEIGHTS_NAME
     for path in (config_path, weights_path):
         if not path.is_file():
@@ -100,15 +135,17 @@ def load_predictor(model_dir: Path, gpu_device: int, tta: tuple[str, ...] = ()) 
     model = build_model(num_classes)
     load_continue(model, state, where=weights_path)
     device = plan_devices([gpu_device]).device
-    model.to(device).eval()
+    precision = resolve_precision(amp, device, where="model.amp")
+    model = prepare_model(model.to(device).eval(), precision)
 
     titles = titles_by_index(mapping)
     log.info(
         f"model loaded: {num_classes} classes ({', '.join(titles)}), input {input_size[0]}x{input_size[1]}, "
-        f"trained on {scale.describe()}",
-        extra={"classes": titles, "scale": {"mode": scale.mode, "factor": scale.factor}},
+        f"trained on {scale.describe()}; predicting in {precision.name}",
+        extra={"classes": titles, "scale": {"mode": scale.mode, "factor": scale.factor}, "precision": precision.name},
     )
-    return Predictor(model, device, input_size, titles, list(config.get("out_classes") or []), tta, scale)
+    out_classes = list(config.get("out_classes") or [])
+    return Predictor(model, device, input_size, titles, out_classes, tta, scale, precision)
 
 
 def read_scale(config: dict, where: Path) -> Scale:

@@ -7,6 +7,7 @@ predictions that inference will write.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from plugin.nn.precision import Precision
 from plugin.nn.preprocess import PAD_COLOR, normalize, resize_image
 
 log = logging.getLogger(__name__)
@@ -41,25 +43,55 @@ def crop_probabilities(
     input_size: tuple[int, int],
     device: torch.device,
     flips: Sequence[str] = (),
+    precision: Precision | None = None,
 ) -> torch.Tensor:
     """Softmax probabilities (N, C, h, w) of same-sized RGB uint8 crops (h, w), on `device`.
 
     Each crop is resized to input_size (width, height) as in training and the output resized back
     (bilinear, which keeps probabilities in [0, 1] and summing to 1). With `flips` (FLIPS names), the
-    mean over the plain pass and each flip, flipped back. The caller picks no_grad or inference_mode.
+    mean over the plain pass and each flip, flipped back. `precision` sets the forward's autocast and
+    layout (None: float32). The caller picks no_grad or inference_mode.
     """
+    probs = network_probabilities(model, network_inputs(crops, input_size).to(device), flips, precision)
+    return resize_probabilities(probs, crops[0].shape[:2])
+
+
+def network_inputs(crops: Sequence[np.ndarray], input_size: tuple[int, int]) -> torch.Tensor:
+    """float32 (N, 3, height, width) network inputs of RGB uint8 crops of any sizes, each resized to
+    input_size (width, height) and normalised as in training."""
     width, height = input_size
-    batch = torch.stack([normalize(resize_image(crop, width, height)) for crop in crops]).to(device)
-    probs = torch.softmax(model(batch).float(), dim=1)
+    return torch.stack([normalize(resize_image(crop, width, height)) for crop in crops])
+
+
+def network_probabilities(
+    model: nn.Module, batch: torch.Tensor, flips: Sequence[str] = (), precision: Precision | None = None
+) -> torch.Tensor:
+    """Softmax probabilities (N, C, h, w) of a batch of network inputs, averaged over `flips`.
+
+    Only the forward runs under the precision's autocast: the softmax and the average are float32.
+    """
+    if precision is not None:
+        batch = precision.inputs(batch)
+    probs = torch.softmax(_logits(model, batch, precision), dim=1)
     # One pass per flip rather than one 4x batch: the caller's batch size bounds the memory.
     for name in flips:
         dims = FLIPS[name]
-        probs += torch.softmax(model(batch.flip(dims)).float(), dim=1).flip(dims)
+        probs += torch.softmax(_logits(model, batch.flip(dims), precision), dim=1).flip(dims)
     probs /= 1 + len(flips)
-    out_size = crops[0].shape[:2]
-    if tuple(out_size) != (height, width):
-        probs = F.interpolate(probs, size=tuple(out_size), mode="bilinear", align_corners=False)
     return probs
+
+
+def _logits(model: nn.Module, batch: torch.Tensor, precision: Precision | None) -> torch.Tensor:
+    with contextlib.nullcontext() if precision is None else precision.autocast():
+        logits = model(batch)
+    return logits.float()
+
+
+def resize_probabilities(probs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(N, C, h, w) probabilities resized to size (height, width), bilinear: still in [0, 1] and summing to 1."""
+    if tuple(probs.shape[2:]) == tuple(size):
+        return probs
+    return F.interpolate(probs, size=tuple(size), mode="bilinear", align_corners=False)
 
 
 def training_window(input_size: tuple[int, int], factor: float) -> tuple[int, int]:
