@@ -22,8 +22,11 @@ from plugin.format.images import read_image
 from plugin.format.project import list_items, read_meta
 from plugin.inference import modes
 from plugin.inference.predictor import Predictor
+from plugin.inference.task import batching
 from plugin.nn.model import build_model
-from plugin.synthetic import make_project
+from plugin.nn.tiling import network_inputs
+from plugin.settings import MATCH_ALL, Mode
+from plugin.synthetic import make_project, natural_image
 from plugin.task_dir import TaskDir
 from plugin.training.data import CorruptionBudget, SegmentationDataset, prepare_masks
 from plugin.training.task import train_task
@@ -103,3 +106,23 @@ def test_a_tiny_task_trains_well_above_chance(tmp_path):
     task.config_path.write_text(json.dumps(config))
     summary = train_task(task)
     assert summary.final_val_metrics["mean_iou"] > LEARNING_BAR, summary.final_val_metrics
+
+
+def test_whole_image_inference_decodes_a_large_jpeg_as_training_did(tmp_path):
+    # A 1024x768 photo for a 64x48 input: training decodes it at reduced size (read_resized), and the
+    # inference task's readers must feed the network those very pixels, not a full decode resized.
+    project = tmp_path / "p"
+    (project / "ds" / "img").mkdir(parents=True)
+    (project / "ds" / "ann").mkdir(parents=True)
+    (project / "meta.json").write_text(json.dumps({"classes": [], "tags": []}))
+    photo = project / "ds" / "img" / "photo.jpg"
+    cv2.imwrite(str(photo), natural_image(768, 1024, seed=5), [cv2.IMWRITE_JPEG_QUALITY, 90])
+    (project / "ds" / "ann" / "photo.jpg.json").write_text(
+        json.dumps({"size": {"height": 768, "width": 1024}, "tags": [], "objects": []}))
+    size = (64, 48)
+    training_tensor, _ = _val_dataset(project, size)[0]
+    predictor = Predictor(build_model(2).eval(), torch.device("cpu"), size, ["bg", "a"], [])
+    _, prepare = batching(Mode("full_image", MATCH_ALL, "_unet", False, (), batch_size=4), predictor)
+    assert torch.equal(prepare(photo), training_tensor)
+    # The reduced decode is what makes them equal: a full decode resized differs.
+    assert not torch.equal(network_inputs([read_image(photo)], size)[0], training_tensor)

@@ -20,7 +20,6 @@ import pytest
 import torch
 
 from plugin.errors import TaskError
-from plugin.format.images import read_image
 from plugin.format.project import list_items
 from plugin.inference import modes
 from plugin.inference.predictor import load_predictor

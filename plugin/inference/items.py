@@ -18,7 +18,7 @@ import torch
 
 from plugin.errors import TaskError
 from plugin.format.geometry import Bitmap, Rectangle, bitmap_to_json
-from plugin.format.images import read_image
+from plugin.format.images import read_image, read_image_size
 from plugin.format.project import Item, Label, ProjectMeta, check_image_size, link_or_copy, parse_annotation
 from plugin.inference import modes
 from plugin.jsonfile import read_json, write_json
@@ -42,7 +42,8 @@ class ReadItem:
     """An image ready to predict, with its annotation document and the labels the mode predicts from."""
 
     item: Item
-    image: np.ndarray
+    image: np.ndarray | None  # None when the reader made `inputs` from the file instead
+    size: tuple[int, int]  # (height, width) of the image as decoded
     doc: dict
     labels: list[Label]  # bboxes: the labels of plan.bbox_sources; else empty
     inputs: torch.Tensor | None = None  # the image's network input, when the reader prepares it
@@ -57,22 +58,27 @@ class Unreadable:
 
 
 def read_item(
-    item: Item, meta: ProjectMeta, plan: OutputPlan, prepare: Callable[[np.ndarray], torch.Tensor] | None = None
+    item: Item, meta: ProjectMeta, plan: OutputPlan, prepare: Callable[[Path], torch.Tensor] | None = None
 ) -> ReadItem | Unreadable:
     """Decode an item's image and check its annotation against it; an undecodable image is returned
-    as Unreadable, any other problem raises. `prepare` makes the image's network input here, in the
-    reader thread, rather than on the device's thread."""
+    as Unreadable, any other problem raises. `prepare` makes the image's network input from its file
+    here, in the reader thread, rather than on the device's thread; the full-resolution pixels are
+    then not decoded at all (full_image of a resize-trained model needs only their size)."""
     try:
-        image = read_image(item.image_path)
+        if prepare is None:
+            image, inputs = read_image(item.image_path), None
+            size = image.shape[:2]
+        else:
+            image, inputs, size = None, prepare(item.image_path), read_image_size(item.image_path)
     except TaskError as exc:
         return Unreadable(item, exc)
     doc = read_json(item.ann_path)
     ann = parse_annotation(doc, meta, item.ann_path)
-    check_image_size(item, ann, *image.shape[:2])
+    check_image_size(item, ann, *size)
     if plan.save_probabilities and not isinstance(doc.get("customBigData") or {}, dict):
         raise TaskError("'customBigData' must be a JSON object to add the probabilities to", where=item.ann_path)
     labels = [label for label in ann.labels if label.class_title in plan.bbox_sources]
-    return ReadItem(item, image, doc, labels, None if prepare is None else prepare(image))
+    return ReadItem(item, image, tuple(size), doc, labels, inputs)
 
 
 def write_item(read: ReadItem, prediction: modes.Prediction, plan: OutputPlan, out_dir: Path) -> int:

@@ -50,16 +50,17 @@ def full_image(predictor: Predictor, image: np.ndarray) -> Prediction:
 
 def full_images(
     predictor: Predictor,
-    images: Sequence[np.ndarray],
+    images: Sequence[np.ndarray | None],
     windows_per_forward: int = REGION_BATCH,
     inputs: Sequence[torch.Tensor] | None = None,
+    sizes: Sequence[tuple[int, int]] | None = None,
 ) -> list[Prediction]:
     """full_image of several images: one forward for all of them with a resize-trained model (`inputs`:
-    their Predictor.network_input, made beforehand), or each tiled `windows_per_forward` windows at a
-    time with a crop-trained one (Predictor.regions)."""
+    their Predictor.network_input_of, made beforehand, with the images' (height, width) `sizes`), or
+    each tiled `windows_per_forward` windows at a time with a crop-trained one (Predictor.regions)."""
+    sizes = [image.shape[:2] for image in images] if sizes is None else sizes
     predictions = []
-    for probs, image in zip(predictor.regions(images, windows_per_forward, inputs), images):
-        height, width = image.shape[:2]
+    for probs, (height, width) in zip(predictor.regions(images, windows_per_forward, inputs, sizes), sizes):
         predictions.append(Prediction(probs.cpu().numpy(), None, [Rectangle(0, 0, width - 1, height - 1)]))
     return predictions
 

@@ -138,4 +138,4 @@ def _results(futures: deque[Future]) -> list:
 def _pixels(read: ReadItem | Unreadable | Future) -> int:
     if isinstance(read, Future):
         read = read.result() if read.exception() is None else None
-    return read.image.shape[0] * read.image.shape[1] if isinstance(read, ReadItem) else 0
+    return read.size[0] * read.size[1] if isinstance(read, ReadItem) else 0

@@ -17,6 +17,7 @@ from plugin.jsonfile import read_json
 from plugin.nn.devices import plan_devices
 from plugin.nn.model import build_model
 from plugin.nn.precision import Precision, prepare_model, resolve_precision
+from plugin.nn.preprocess import normalize, read_resized
 from plugin.nn.tiling import (
     crop_probabilities,
     network_inputs,
@@ -69,20 +70,24 @@ class Predictor:
         """Probabilities (C, H, W) of a whole image or box at the training scale (see `regions`)."""
         return self.regions([image])[0]
 
-    def network_input(self, image: np.ndarray) -> torch.Tensor:
-        """The (3, h, w) input that `regions` feeds a resize-trained model for a whole image, on the CPU."""
-        return network_inputs([image], self.input_size)[0]
+    def network_input_of(self, path: Path) -> torch.Tensor:
+        """The (3, h, w) input that `regions` feeds a resize-trained model for a whole image file, on the
+        CPU: decoded and resized by read_resized, as training made its samples (a large JPEG decoded
+        at reduced size), so that inference sees the very pixels training did."""
+        return normalize(read_resized(path, *self.input_size))
 
     def regions(
         self,
-        images: Sequence[np.ndarray],
+        images: Sequence[np.ndarray | None],
         windows_per_forward: int = REGION_BATCH,
         inputs: Sequence[torch.Tensor] | None = None,
+        sizes: Sequence[tuple[int, int]] | None = None,
     ) -> list[torch.Tensor]:
         """Probabilities (C, H, W) of whole images or boxes of any sizes, presented at the training scale.
 
         A resize-trained (or legacy) model sees them all resized to its input size in one forward
-        (`inputs`: their network_input, made beforehand), and each output is resized back to its image;
+        (`inputs`: their network_input_of, made beforehand, with the images' (height, width) `sizes`:
+        the images themselves may then be None), and each output is resized back to its image;
         a crop-trained model tiles each image with its training window, `windows_per_forward` at a time.
         """
         if self.scale.crops:
@@ -99,7 +104,8 @@ class Predictor:
             batch = batch.to(self.device)
             probs = network_probabilities(self.model, batch, self.tta, self.precision)
             # One image at a time: an image's output does not depend on what it was batched with.
-            return [resize_probabilities(p[None], image.shape[:2])[0] for p, image in zip(probs, images)]
+            sizes = [image.shape[:2] for image in images] if sizes is None else sizes
+            return [resize_probabilities(p[None], size)[0] for p, size in zip(probs, sizes)]
 
 
 def load_predictor(model_dir: Path, gpu_device: int, tta: tuple[str, ...] = (), amp: str = "auto") -> Predictor:

@@ -12,7 +12,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from plugin import agent_log
@@ -159,13 +158,13 @@ def _bbox_sources(mode: Mode, meta: ProjectMeta) -> list[str]:
     return list(wanted)
 
 
-def batching(mode: Mode, predictor: Predictor) -> tuple[int, Callable[[np.ndarray], torch.Tensor] | None]:
+def batching(mode: Mode, predictor: Predictor) -> tuple[int, Callable[[Path], torch.Tensor] | None]:
     """(images per forward, what the reader threads prepare of each image). full_image of a
     resize-trained model batches mode.batch_size images, resized and normalised by the readers so that
     the device's thread only stacks them; for a crop-trained model batch_size counts windows, and every
     other mode predicts one image at a time."""
     if mode.name == "full_image" and not predictor.scale.crops:
-        return mode.batch_size, predictor.network_input
+        return mode.batch_size, predictor.network_input_of
     return 1, None
 
 
@@ -174,7 +173,8 @@ def predict(mode: Mode, predictor: Predictor, batch: list[ReadItem]) -> list[mod
     a sliding_window mode has its window resolved (window_plan)."""
     if mode.name == "full_image":
         inputs = [read.inputs for read in batch] if all(read.inputs is not None for read in batch) else None
-        return modes.full_images(predictor, [read.image for read in batch], mode.batch_size, inputs)
+        return modes.full_images(predictor, [read.image for read in batch], mode.batch_size, inputs,
+                                 [read.size for read in batch])
     return [_predict_one(mode, predictor, read) for read in batch]
 
 

@@ -52,16 +52,15 @@ def validate(
     totals = torch.zeros(2, dtype=torch.float64, device=device)
     seen = 0
     if config.scale.crops:
-        predict = _tiled_logits(net, config, mapping.num_classes, device)
+        predict = _tiled_logits(net, config, mapping.num_classes, device, precision)
     else:
         def predict(images: torch.Tensor) -> torch.Tensor:
-            return net(precision.inputs(images.to(device, non_blocking=True)))
+            with precision.autocast():
+                return net(precision.inputs(images.to(device, non_blocking=True))).float()
     with torch.no_grad():
         for images, targets in loader:
             targets = targets.to(device, non_blocking=True)
-            with precision.autocast():
-                logits = predict(images)
-            logits = logits.float()
+            logits = predict(images)
             keep = len(images) if real is None else max(0, min(len(images), real - seen))
             seen += len(images)
             for i in range(keep):
@@ -76,14 +75,14 @@ def validate(
     return metrics, absent
 
 
-def _tiled_logits(net: nn.Module, config: TrainConfig, num_classes: int, device: torch.device):
+def _tiled_logits(net: nn.Module, config: TrainConfig, num_classes: int, device: torch.device, precision: Precision):
     """(1, H, W, 3) uint8 whole image -> (1, C, H, W) log-probabilities by the tiled, Gaussian-blended
     prediction that inference makes for a crop-trained model (Predictor.region, without TTA)."""
     window = training_window(config.input_size, config.scale.factor)
     overlap = (window[0] // 2, window[1] // 2)
 
     def tiles_probs(tiles: list) -> torch.Tensor:
-        return crop_probabilities(net, tiles, config.input_size, device)
+        return crop_probabilities(net, tiles, config.input_size, device, precision=precision)
 
     def predict(images: torch.Tensor) -> torch.Tensor:
         image = images[0].numpy()
