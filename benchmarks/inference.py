@@ -19,7 +19,6 @@ import logging
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ import cv2
 import numpy as np
 import torch
 
+from benchmarks.peak_memory import measured_command, read_peak
 from plugin import agent_log
 from plugin.format.images import read_image
 from plugin.inference.predictor import Predictor, load_predictor
@@ -41,21 +41,6 @@ REPO = Path(__file__).resolve().parent.parent
 TARGET_RATIO = 1.15
 NUM_CLASSES = 5
 
-# Runs `python -m MODULE ARGS` and writes the process's own peak RSS (VmHWM, KiB) to a file at exit.
-# The kernel's ru_maxrss of a child is no use: exec keeps the peak of the memory it replaces, which for
-# a child of this benchmark is the benchmark's own, gigabytes by then (tests/test_hostile_e2e.py).
-_PEAK_SHIM = """
-import atexit, runpy, sys
-peak_file = sys.argv.pop(1)
-def record():
-    with open("/proc/self/status") as status:
-        kib = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
-    with open(peak_file, "w") as out:
-        out.write(str(kib))
-atexit.register(record)
-sys.argv = sys.argv[1:]
-runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
-"""
 
 
 def make_task(root: Path, images: int, size: int, input_size: int, mode: dict, seed: int = 0) -> TaskDir:
@@ -201,9 +186,9 @@ def bench_inference_memory(tmp: Path, size: int, window: int, input_size: int) -
             "min_overlap": {"x": 64, "y": 64}, "batch_size": 8}
     task = make_task(tmp / "memory", 1, size, input_size, mode, seed=1)
     peak_file, log_path = tmp / "memory.peak", tmp / "memory.log"
-    args = ["-m", "entrypoints.inference", "--task-dir", str(task.root), "--log-format", "json"]
+    args = ["--task-dir", str(task.root), "--log-format", "json"]
     # /usr/bin/time is a small process: the peak it reports for its child is the child's own.
-    command = ["/usr/bin/time", "-v", sys.executable, "-c", _PEAK_SHIM, str(peak_file), *args[1:]]
+    command = ["/usr/bin/time", "-v", *measured_command("entrypoints.inference", args, peak_file)]
     start = time.perf_counter()
     with open(log_path, "w") as log_file:
         proc = subprocess.run(command, cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT)
@@ -211,7 +196,7 @@ def bench_inference_memory(tmp: Path, size: int, window: int, input_size: int) -
     output = log_path.read_text()
     if proc.returncode != 0:
         raise RuntimeError(f"inference failed: {output[-3000:]}")
-    peak = int(peak_file.read_text()) / 2**20  # KiB -> GiB
+    peak = read_peak(peak_file) / 2**30
     time_kib = re.search(r"Maximum resident set size \(kbytes\): (\d+)", output)
     cross = f"{int(time_kib.group(1)) / 2**20:.2f} GiB" if time_kib else "not reported"
     print(f"inference peak memory: {peak:.2f} GiB (VmHWM of the inference process) for a whole sliding_window run "

@@ -13,12 +13,12 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from benchmarks.peak_memory import measured_command, read_peak
 from plugin.errors import TaskError
 from plugin.format.geometry import decode_bitmap
 from plugin.format.images import DEFAULT_MAX_IMAGE_PIXELS, read_image
@@ -165,21 +165,6 @@ def huge_declared_size(project: Path) -> list[str]:
 BOMBS = {"image": image_bomb, "bitmap": bitmap_bomb_object, "declared_size": huge_declared_size}
 
 
-# Runs `python -m MODULE ARGS` and, at exit, writes the process's own peak RSS (VmHWM) to a file. The
-# kernel's ru_maxrss of a child is no use here: exec keeps the peak of the memory it replaces, which for
-# a child of vfork (subprocess) is this test process's own, over a gigabyte late in the suite.
-_PEAK_SHIM = """
-import atexit, runpy, sys
-peak_file = sys.argv.pop(1)
-def record():
-    with open("/proc/self/status") as status:
-        kib = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
-    with open(peak_file, "w") as out:
-        out.write(str(kib * 1024))
-atexit.register(record)
-sys.argv = sys.argv[1:]
-runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
-"""
 
 
 def run_measured(args: list[str], logs: Path) -> tuple[Run, int]:
@@ -187,10 +172,10 @@ def run_measured(args: list[str], logs: Path) -> tuple[Run, int]:
     assert args[0] == "-m", args
     env = {k: v for k, v in os.environ.items() if k != "SLY_TASK_DIR"}
     out, err, peak = logs.with_suffix(".out"), logs.with_suffix(".err"), logs.with_suffix(".peak")
-    command = [sys.executable, "-c", _PEAK_SHIM, str(peak), *args[1:]]
+    command = measured_command(args[1], args[2:], peak)
     with open(out, "w") as stdout, open(err, "w") as stderr:
         proc = subprocess.run(command, cwd=REPO, env=env, stdout=stdout, stderr=stderr, timeout=300)
-    return Run(proc.returncode, out.read_text(), err.read_text()), int(peak.read_text())
+    return Run(proc.returncode, out.read_text(), err.read_text()), read_peak(peak)
 
 
 def train_command(root: Path, bomb: Callable[[Path], list[str]]) -> tuple[list[str], list[str], Path]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -28,6 +30,8 @@ from plugin.parallel import Failure, ordered_map, resolve_workers
 
 # No row filter and run-length matching: a class mask is long runs of one value, which filters only
 # blur; about 25% faster than OpenCV's default (filter SUB) and smaller. The pixels decode the same.
+# Below OUT: the masks of a run until every one is written.
+STAGING = ".partial"
 PNG_PARAMS = (cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_NONE, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE)
 
 
@@ -52,16 +56,35 @@ def write_masks(project_dir: Path, out_dir: Path, background: str, neutral: str,
     included); returns the number of masks written. project_dir may also be a folder holding one project.
     Each annotation is checked against its image's size, as training checks it; nothing is written
     through a symbolic link (OUT, its dataset folders and files). `workers` processes share the
-    images (None: one per available core); the first failing image, in item order, raises."""
+    images (None: one per available core); the first failing image, in item order, raises.
+
+    The masks are drawn into OUT/.partial/ and moved into place only when every one is written, so a
+    failed run adds no mask (workers run ahead of the failing image) and leaves OUT's files as they were.
+    """
     project_dir, out_dir = find_project(Path(project_dir)), Path(out_dir)
-    refuse_symlink(out_dir)
+    staging = out_dir / STAGING
+    for path in (out_dir, staging):
+        refuse_symlink(path)
     meta = read_meta(project_dir)
     mapping = build_mapping(meta, background, neutral)
     items = list_items(project_dir)
-    job = partial(_write_mask, meta=meta, mapping=mapping, out_dir=out_dir)
-    for failure in ordered_map(job, items, resolve_workers(workers, len(items))):
-        if failure is not None:
-            raise failure.error()
+    shutil.rmtree(staging, ignore_errors=True)
+    job = partial(_write_mask, meta=meta, mapping=mapping, out_dir=staging)
+    try:
+        for failure in ordered_map(job, items, resolve_workers(workers, len(items))):
+            if failure is not None:
+                raise failure.error()
+        targets = [(staging / item.dataset / f"{item.name}.png", out_dir / item.dataset / f"{item.name}.png")
+                   for item in items]
+        for dataset in sorted({item.dataset for item in items}):
+            refuse_symlink(out_dir / dataset)
+        for _, target in targets:
+            refuse_symlink(target)
+        for source, target in targets:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(source, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     write_json(out_dir / "class_title_to_idx.json", mapping.with_neutral())
     return len(items)
 
@@ -71,7 +94,6 @@ def _write_mask(item: Item, meta: ProjectMeta, mapping: ClassMapping, out_dir: P
         ann = read_annotation(item.ann_path, meta)
         check_image_size(item, ann, *read_image_size(item.image_path))
         mask = rasterize(ann, mapping)
-        refuse_symlink(out_dir / item.dataset)
         write_file(out_dir / item.dataset / f"{item.name}.png", cv2.imencode(".png", mask, PNG_PARAMS)[1].tobytes())
     except TaskError as exc:
         return Failure.of(exc)
