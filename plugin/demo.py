@@ -23,8 +23,9 @@ DEMO_CONFIG = {
     "data_workers": {"train": 1, "val": 0},
     "epochs": 10,
     "val_every": 2.5,
+    # The default recipe otherwise (AdamW, poly decay after half an epoch of warmup): on this task the
+    # legacy plateau rule swung between val mean IoU 0.65 and 0.87 from one validation to the next.
     "lr": 0.002,
-    "lr_decreasing": {"patience": 2, "lr_divisor": 5},
     "gpu_devices": [0],
 }
 # Four model classes (bg, ring, blob, box): guessing scores a mean IoU far below this.
