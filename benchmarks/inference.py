@@ -115,9 +115,9 @@ def _bare_forward(predictor: Predictor, inputs: torch.Tensor, batch: int) -> Tim
     precision = predictor.precision
     on_device = inputs.to(predictor.device)
     start, cpu = time.perf_counter(), time.process_time()
-    with torch.inference_mode(), precision.autocast():
+    with torch.inference_mode():
         for i in range(0, len(on_device), batch):
-            predictor.model(precision.inputs(on_device[i : i + batch]))
+            precision.logits(predictor.model, on_device[i : i + batch])
     if predictor.device.type == "cuda":
         torch.cuda.synchronize(predictor.device)
     return Timing(time.perf_counter() - start, time.process_time() - cpu)

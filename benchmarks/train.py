@@ -127,9 +127,7 @@ def time_bare(task: Path, device: torch.device, precision: Precision, compile_: 
 
     def epoch() -> None:
         for images, targets in batches:
-            with precision.autocast():
-                logits = net(precision.inputs(images))
-            loss = compute_loss(logits.float(), targets)
+            loss = compute_loss(precision.logits(net, images), targets)
             optimizer.zero_grad(set_to_none=True)
             (loss if scaler is None else scaler.scale(loss)).backward()
             if scaler is None:

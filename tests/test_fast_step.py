@@ -15,7 +15,7 @@ from plugin.config import read_train_config
 from plugin.format.classes import build_mapping
 from plugin.format.project import find_project, list_items, read_meta
 from plugin.nn.model import build_model
-from plugin.nn.precision import Precision, resolve_precision
+from plugin.nn.precision import FLOAT32, Precision, resolve_precision
 from plugin.training.data import make_loader, split_items
 from plugin.training.guard import snapshot_buffers
 from plugin.training.loop import fit
@@ -128,7 +128,7 @@ def _check_close(full, full_grad, mixed, mixed_grad, model, min_cosine: float) -
 
 def test_a_bfloat16_step_of_the_unet_is_finite_and_close_to_float32(batch_and_config):
     images, targets, config = batch_and_config
-    full, full_grad, _, _ = _one_step(Precision("cpu", None, False), images, targets, config)
+    full, full_grad, _, _ = _one_step(FLOAT32, images, targets, config)
     mixed, mixed_grad, model, _ = _one_step(Precision("cpu", torch.bfloat16, False), images, targets, config)
     # bfloat16 keeps 8 bits of mantissa: a loss within 1e-3 of float32's and a gradient a few degrees
     # off (cosine 0.96 measured on 2 images of 64x64), not a different one.
@@ -143,7 +143,7 @@ def _small_net() -> torch.nn.Module:
 def test_a_float16_step_scales_the_loss_and_stays_close_to_float32(batch_and_config):
     # A small network: CPUs emulate float16 convolutions, too slowly for the UNet in a test.
     images, targets, config = batch_and_config
-    full, full_grad, _, _ = _one_step(Precision("cpu", None, False), images, targets, config, _small_net)
+    full, full_grad, _, _ = _one_step(FLOAT32, images, targets, config, _small_net)
     mixed, mixed_grad, model, scaler = _one_step(Precision("cpu", torch.float16, False), images, targets, config,
                                                  _small_net)
     _check_close(full, full_grad, mixed, mixed_grad, model, min_cosine=0.99)

@@ -16,7 +16,7 @@ from plugin.format.classes import titles_by_index
 from plugin.jsonfile import read_json
 from plugin.nn.devices import plan_devices
 from plugin.nn.model import build_model
-from plugin.nn.precision import Precision, prepare_model, resolve_precision
+from plugin.nn.precision import FLOAT32, Precision, prepare_model, resolve_precision
 from plugin.nn.preprocess import normalize, read_resized
 from plugin.nn.tiling import (
     crop_probabilities,
@@ -46,7 +46,7 @@ class Predictor:
     out_classes: list[dict]  # {"title", "shape", "color", ...} as config.json lists them
     tta: tuple[str, ...] = ()  # FLIPS names whose flipped-back predictions are averaged in; () = one pass
     scale: Scale = RESIZE  # how training presented images; legacy checkpoints: resize
-    precision: Precision | None = None  # the forward's autocast and layout; None: float32
+    precision: Precision = FLOAT32  # the forward's autocast and layout
 
     @property
     def num_classes(self) -> int:

@@ -53,6 +53,17 @@ class Precision:
         """A (N, C, H, W) batch in the layout the model expects."""
         return batch.contiguous(memory_format=torch.channels_last) if self.channels_last else batch
 
+    def logits(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        """float32 logits of `model` on a (N, C, H, W) batch: only the forward runs in this layout and
+        under this autocast, so what follows (loss, softmax, metrics) is computed in float32."""
+        with self.autocast():
+            logits = model(self.inputs(batch))
+        return logits.float()
+
+
+# Where no `amp` setting applies (a Predictor built by hand, a tool): float32 in the default layout.
+FLOAT32 = Precision("cpu", None, channels_last=False)
+
 
 def resolve_precision(amp: str, device: torch.device, where: str = "amp") -> Precision:
     """The Precision of an `amp` setting on `device`; TaskError naming `where` for a dtype the device lacks."""

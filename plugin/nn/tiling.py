@@ -7,7 +7,6 @@ predictions that inference will write.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -18,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from plugin.nn.precision import Precision
+from plugin.nn.precision import FLOAT32, Precision
 from plugin.nn.preprocess import PAD_COLOR, normalize, resize_image
 
 log = logging.getLogger(__name__)
@@ -43,14 +42,14 @@ def crop_probabilities(
     input_size: tuple[int, int],
     device: torch.device,
     flips: Sequence[str] = (),
-    precision: Precision | None = None,
+    precision: Precision = FLOAT32,
 ) -> torch.Tensor:
     """Softmax probabilities (N, C, h, w) of same-sized RGB uint8 crops (h, w), on `device`.
 
     Each crop is resized to input_size (width, height) as in training and the output resized back
     (bilinear, which keeps probabilities in [0, 1] and summing to 1). With `flips` (FLIPS names), the
     mean over the plain pass and each flip, flipped back. `precision` sets the forward's autocast and
-    layout (None: float32). The caller picks no_grad or inference_mode.
+    layout. The caller picks no_grad or inference_mode.
     """
     probs = network_probabilities(model, network_inputs(crops, input_size).to(device), flips, precision)
     return resize_probabilities(probs, crops[0].shape[:2])
@@ -64,27 +63,19 @@ def network_inputs(crops: Sequence[np.ndarray], input_size: tuple[int, int]) -> 
 
 
 def network_probabilities(
-    model: nn.Module, batch: torch.Tensor, flips: Sequence[str] = (), precision: Precision | None = None
+    model: nn.Module, batch: torch.Tensor, flips: Sequence[str] = (), precision: Precision = FLOAT32
 ) -> torch.Tensor:
     """Softmax probabilities (N, C, h, w) of a batch of network inputs, averaged over `flips`.
 
     Only the forward runs under the precision's autocast: the softmax and the average are float32.
     """
-    if precision is not None:
-        batch = precision.inputs(batch)
-    probs = torch.softmax(_logits(model, batch, precision), dim=1)
+    probs = torch.softmax(precision.logits(model, batch), dim=1)
     # One pass per flip rather than one 4x batch: the caller's batch size bounds the memory.
     for name in flips:
         dims = FLIPS[name]
-        probs += torch.softmax(_logits(model, batch.flip(dims), precision), dim=1).flip(dims)
+        probs += torch.softmax(precision.logits(model, batch.flip(dims)), dim=1).flip(dims)
     probs /= 1 + len(flips)
     return probs
-
-
-def _logits(model: nn.Module, batch: torch.Tensor, precision: Precision | None) -> torch.Tensor:
-    with contextlib.nullcontext() if precision is None else precision.autocast():
-        logits = model(batch)
-    return logits.float()
 
 
 def resize_probabilities(probs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

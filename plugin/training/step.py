@@ -61,9 +61,7 @@ def train_step(
     """One step of `net` (the model, wrapped for DDP or compiled) on a batch already on the device;
     `committed` are the buffers of the last completed step. The optimizer must take `found_inf`
     (a fused Adam or AdamW)."""
-    with precision.autocast():
-        logits = net(precision.inputs(images))
-    logits = logits.float()
+    logits = precision.logits(net, images)
     loss = compute_loss(logits, targets)
     optimizer.zero_grad(set_to_none=True)
     (loss if scaler is None else scaler.scale(loss)).backward()

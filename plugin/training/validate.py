@@ -55,8 +55,7 @@ def validate(
         predict = _tiled_logits(net, config, mapping.num_classes, device, precision)
     else:
         def predict(images: torch.Tensor) -> torch.Tensor:
-            with precision.autocast():
-                return net(precision.inputs(images.to(device, non_blocking=True))).float()
+            return precision.logits(net, images.to(device, non_blocking=True))
     with torch.no_grad():
         for images, targets in loader:
             targets = targets.to(device, non_blocking=True)
