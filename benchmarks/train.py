@@ -23,17 +23,19 @@ from pathlib import Path
 import torch
 
 from plugin.config import read_train_config
-from plugin.format.classes import build_mapping
-from plugin.format.project import find_project, list_items, read_meta
+from plugin.format.classes import ClassMapping
+from plugin.format.project import list_items
 from plugin.nn.model import build_model
 from plugin.nn.precision import Precision, prepare_model, resolve_precision
+from plugin.settings import TrainConfig
 from plugin.synthetic import make_project
-from plugin.training.data import make_loader, loader_workers, split_items
+from plugin.task_dir import TaskDir
+from plugin.training.data import SegmentationDataset, loader_workers, make_loader
 from plugin.training.loop import fit
-from plugin.training.step import loss_fn
 from plugin.training.sampler import EpochSampler
 from plugin.training.schedule import build_optimizer
-from plugin.training.task import build_dataset
+from plugin.training.step import loss_fn
+from plugin.training.task import build_datasets, read_project
 
 
 class TimedLoader:
@@ -83,14 +85,16 @@ def make_task(root: Path, size: int, images: int, batch: int, workers: int | str
     return root
 
 
+def read_datasets(task: Path) -> tuple[TrainConfig, ClassMapping, SegmentationDataset, SegmentationDataset]:
+    """The task dir's config, class mapping and train and val samples, as the train task builds them."""
+    config = read_train_config(task / "task_config.json")
+    project_dir, meta, mapping = read_project(TaskDir(task), config)
+    return (config, mapping, *build_datasets(list_items(project_dir), meta, mapping, config))
+
+
 def time_fit(task: Path, device: torch.device) -> tuple[float, float, int]:
     """(seconds of the last train epoch of 3, seconds it waited for the loader, its images)."""
-    config = read_train_config(task / "task_config.json")
-    project = find_project(task / "data")
-    meta = read_meta(project)
-    mapping = build_mapping(meta, "bg", "neutral")
-    splits = split_items(list_items(project), "train", "val")
-    train, val = (build_dataset(s, splits[s], meta, mapping, config) for s in ("train", "val"))
+    config, mapping, train, val = read_datasets(task)
     workers = loader_workers(config.data_workers.train, "train", 1)
     sampler = EpochSampler(len(train), 0, 1, config.seed)
     loaders = {"train": TimedLoader(make_loader(train, config.batch_size.train, workers, sampler=sampler)),
@@ -110,11 +114,7 @@ def time_fit(task: Path, device: torch.device) -> tuple[float, float, int]:
 
 def time_bare(task: Path, device: torch.device, precision: Precision, compile_: bool) -> float:
     """Seconds of a bare loop over one epoch's batches held in memory: forward, loss, backward, step."""
-    config = read_train_config(task / "task_config.json")
-    project = find_project(task / "data")
-    meta = read_meta(project)
-    mapping = build_mapping(meta, "bg", "neutral")
-    train = build_dataset("train", split_items(list_items(project), "train", "val")["train"], meta, mapping, config)
+    config, mapping, train, _ = read_datasets(task)
     loader = make_loader(train, config.batch_size.train, 0, sampler=EpochSampler(len(train), 0, 1, config.seed))
     batches = [(x.to(device), y.to(device)) for x, y in loader]
     torch.manual_seed(0)

@@ -12,18 +12,17 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from plugin.config import read_train_config
-from plugin.format.classes import build_mapping
-from plugin.format.project import find_project, list_items, read_meta
+from plugin.format.project import list_items
 from plugin.nn.model import build_model
 from plugin.nn.precision import FLOAT32, Precision, resolve_precision
-from plugin.training.data import make_loader, split_items
+from plugin.task_dir import TaskDir
+from plugin.training.data import make_loader
 from plugin.training.guard import snapshot_buffers
 from plugin.training.loop import fit
-from plugin.training.step import loss_fn
 from plugin.training.sampler import EpochSampler
 from plugin.training.schedule import build_optimizer
-from plugin.training.step import train_step
-from plugin.training.task import build_dataset
+from plugin.training.step import loss_fn, train_step
+from plugin.training.task import build_datasets, read_project
 from plugin.training.window import iterations_between_lines
 from tests.conftest import TINY_CONFIG, make_task, run_entrypoint
 
@@ -59,18 +58,20 @@ class ScalarReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def _datasets(task: Path) -> tuple:
+    """(config, class mapping, (train, val) samples) of a task dir, as the train task builds them."""
+    config = read_train_config(task / "task_config.json")
+    project_dir, meta, mapping = read_project(TaskDir(task), config)
+    return config, mapping, build_datasets(list_items(project_dir), meta, mapping, config)
+
+
 def _fit_in_process(root: Path, n_train: int) -> tuple[dict[str, int], int]:
-    """Host reads of a whole 1-epoch fit() on n_train 64x64 images (batch 2), one METRICS line per
+    """Host reads of a whole 1-epoch fit() on n_train 32x32 images (batch 2), one METRICS line per
     epoch and one validation at its end."""
     config = dict(TINY_CONFIG, input_size={"width": 32, "height": 32}, augmentations=False,
                   log_every={"seconds": None, "iterations": 1000})
     task = make_task(root, config, n_train=n_train, n_val=2, size=32)
-    config = read_train_config(task / "task_config.json")
-    project = find_project(task / "data")
-    meta = read_meta(project)
-    mapping = build_mapping(meta, "bg", "neutral")
-    splits = split_items(list_items(project), "train", "val")
-    train, val = (build_dataset(s, splits[s], meta, mapping, config) for s in ("train", "val"))
+    config, mapping, (train, val) = _datasets(task)
     loaders = {
         "train": make_loader(train, 2, 0, sampler=EpochSampler(len(train), 0, 1, config.seed)),
         "val": make_loader(val, 2, 0),
@@ -108,11 +109,7 @@ def _one_step(precision: Precision, images: torch.Tensor, targets: torch.Tensor,
 def batch_and_config(tmp_path_factory):
     root = tmp_path_factory.mktemp("amp") / "task"
     task = make_task(root, dict(TINY_CONFIG, augmentations=False), n_train=4, n_val=2)
-    config = read_train_config(task / "task_config.json")
-    project = find_project(task / "data")
-    meta = read_meta(project)
-    mapping = build_mapping(meta, "bg", "neutral")
-    data = build_dataset("train", split_items(list_items(project), "train", "val")["train"], meta, mapping, config)
+    config, _, (data, _) = _datasets(task)
     samples = [data[i] for i in range(2)]
     return torch.stack([s[0] for s in samples]), torch.stack([s[1] for s in samples]), config
 

@@ -34,9 +34,9 @@ from plugin.training.data import (
     CorruptionBudget,
     SegmentationDataset,
     WholeImageDataset,
+    loader_workers,
     make_loader,
     prepare_masks,
-    loader_workers,
     split_items,
     val_shard,
 )
@@ -83,12 +83,10 @@ def train_rank(ctx: DistContext, task: TaskDir, config: TrainConfig, world: Worl
     # A resumed run takes its weights from the state; model/ only starts a new one.
     initial_weights = None if resume else read_initial_weights(task.model_dir, config.weights_init_type, mapping)
 
-    splits = split_items(items, config.train_tag, config.val_tag)
     # The node's local rank 0 draws the masks; the others wait for this run's token, then map its files.
     token = distributed.broadcast_from_main(secrets.token_hex(8))
     cache = MaskCache(task.tmp_dir / "mask_cache", builder=ctx.local_rank == 0, token=token)
-    train_data = build_dataset("train", splits["train"], meta, mapping, config, cache)
-    val_data = build_dataset("val", splits["val"], meta, mapping, config, cache)
+    train_data, val_data = build_datasets(items, meta, mapping, config, cache)
     titles = titles_by_index(mapping.title_to_idx)
     class_weights = resolve_class_weights(config.class_weights, titles, train_data.masks, NEUTRAL_INDEX)
     if config.class_weights == "auto" and ctx.is_main:
@@ -189,6 +187,14 @@ def apply_initial_weights(
             f"transfer_learning: loaded {len(loaded)} weight tensors; last_conv starts from a random initialisation",
             extra={"loaded_tensors": len(loaded)},
         )
+
+
+def build_datasets(
+    items: list, meta: ProjectMeta, mapping: ClassMapping, config: TrainConfig, cache: MaskCache | None = None
+) -> tuple[SegmentationDataset, SegmentationDataset]:
+    """The train and val samples of a project's items, split by the config's tags (build_dataset)."""
+    splits = split_items(items, config.train_tag, config.val_tag)
+    return tuple(build_dataset(split, splits[split], meta, mapping, config, cache) for split in ("train", "val"))
 
 
 def build_dataset(
