@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from pathlib import Path
@@ -9,10 +10,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from PIL import Image
 
 from plugin.format.classes import build_mapping
 from plugin.format.geometry import decode_bitmap, encode_bitmap
-from plugin.format.masks import rasterize, write_masks
+from plugin.format.masks import encode_png, rasterize, write_masks
 from plugin.format.project import list_items, read_annotation, read_meta
 
 ISBI = Path(__file__).resolve().parent.parent.parent / "shared/data/isbi2012-membranes"
@@ -111,6 +113,21 @@ def test_write_masks_files(tmp_path: Path) -> None:
     assert json.loads((out / "class_title_to_idx.json").read_text()) == {
         "bg": 0, "a": 1, "b": 2, "c": 3, "neutral": 255,
     }
+
+
+def test_mask_png_decodes_to_the_same_pixels_in_opencv_and_pillow() -> None:
+    # Every byte value, an odd size and long runs, as class masks have them.
+    rng = np.random.default_rng(0)
+    mask = rng.integers(0, 256, (37, 53), dtype=np.uint8)
+    mask[5:30, 10:40] = 3
+    scanlines = np.zeros((37, 54), np.uint8)
+    scanlines[:, 1:] = mask
+    png = encode_png(scanlines)
+    np.testing.assert_array_equal(cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED), mask)
+    Image.open(io.BytesIO(png)).verify()  # every chunk's CRC
+    with Image.open(io.BytesIO(png)) as image:
+        assert image.mode == "L" and image.size == (53, 37)
+        np.testing.assert_array_equal(np.asarray(image), mask)
 
 
 def test_write_masks_on_real_slices(tmp_path: Path) -> None:

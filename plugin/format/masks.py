@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import os
 import shutil
+import struct
+import zlib
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-import cv2
 import numpy as np
+from isal import isal_zlib
 
 from plugin.errors import TaskError
 from plugin.format.classes import ClassMapping, build_mapping
 from plugin.format.geometry import draw
-from plugin.format.images import read_image_size
+from plugin.format.images import PNG_SIGNATURE, read_image_size
 from plugin.format.project import (
     Annotation,
     Item,
@@ -28,11 +30,8 @@ from plugin.format.project import (
 from plugin.jsonfile import refuse_symlink, write_file, write_json
 from plugin.parallel import Failure, ordered_map, resolve_workers
 
-# No row filter and run-length matching: a class mask is long runs of one value, which filters only
-# blur; about 25% faster than OpenCV's default (filter SUB) and smaller. The pixels decode the same.
 # Below OUT: the masks of a run until every one is written.
 STAGING = ".partial"
-PNG_PARAMS = (cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_NONE, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE)
 
 
 def rasterize(ann: Annotation, mapping: ClassMapping) -> np.ndarray:
@@ -40,10 +39,13 @@ def rasterize(ann: Annotation, mapping: ClassMapping) -> np.ndarray:
     return draw_labels(ann, mapping.index_of)
 
 
-def draw_labels(ann: Annotation, index_of: Callable[[str], int | None]) -> np.ndarray:
+def draw_labels(
+    ann: Annotation, index_of: Callable[[str], int | None], mask: np.ndarray | None = None
+) -> np.ndarray:
     """uint8 (H, W) of the annotation's size, 0 where nothing is drawn; each label is drawn in JSON order
-    with index_of(its class title), and skipped where that is None."""
-    mask = np.zeros((ann.height, ann.width), np.uint8)
+    with index_of(its class title), and skipped where that is None. `mask`: a zeroed (H, W) array to
+    draw into (it may be a view) instead of a new one."""
+    mask = np.zeros((ann.height, ann.width), np.uint8) if mask is None else mask
     for label in ann.labels:
         idx = index_of(label.class_title)
         if idx is not None:
@@ -93,8 +95,27 @@ def _write_mask(item: Item, meta: ProjectMeta, mapping: ClassMapping, out_dir: P
     try:
         ann = read_annotation(item.ann_path, meta)
         check_image_size(item, ann, *read_image_size(item.image_path))
-        mask = rasterize(ann, mapping)
-        write_file(out_dir / item.dataset / f"{item.name}.png", cv2.imencode(".png", mask, PNG_PARAMS)[1].tobytes())
+        # Drawn straight into the PNG's scanlines: column 0 is each row's filter byte (0, none).
+        scanlines = np.zeros((ann.height, ann.width + 1), np.uint8)
+        draw_labels(ann, mapping.index_of, scanlines[:, 1:])
+        write_file(out_dir / item.dataset / f"{item.name}.png", encode_png(scanlines))
     except TaskError as exc:
         return Failure.of(exc)
     return None
+
+
+def encode_png(scanlines: np.ndarray) -> bytes:
+    """8-bit grayscale PNG of scanlines[:, 1:]; scanlines[:, 0] holds each row's filter type.
+
+    Unfiltered rows deflated by ISA-L at level 1: a class mask is long runs of one value, which row
+    filters only blur, and ISA-L deflates them about 8x faster than zlib at its fastest level (the
+    file is about as small). OpenCV offers neither, and PNG encoding was half of the command's time.
+    """
+    height, width = scanlines.shape[0], scanlines.shape[1] - 1
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # depth 8, grayscale, no interlace
+    data = isal_zlib.compress(np.ascontiguousarray(scanlines), 1)
+    return PNG_SIGNATURE + _chunk(b"IHDR", header) + _chunk(b"IDAT", data) + _chunk(b"IEND", b"")
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(data, zlib.crc32(kind)))
