@@ -5,6 +5,9 @@ from setuptools import find_packages, setup
 
 version = re.search(r'__version__ = "([^"]+)"', Path("plugin/__init__.py").read_text()).group(1)
 
+SERVE = ["starlette>=0.37,<2", "uvicorn>=0.29,<1", "python-multipart>=0.0.9"]
+EXPORT = ["onnx>=1.16,<2", "onnxruntime>=1.18,<2", "onnxscript>=0.2,<1"]
+
 setup(
     name="sly-unet",
     version=version,
@@ -30,8 +33,17 @@ setup(
         "isal>=1.6,<2",
         # 2.0.x is MIT; later releases changed the licence.
         "albumentations>=2.0.8,<2.1",
+        # The training curves (tmp/progress.png, `sly-unet plot`), drawn with the Agg backend.
+        "matplotlib>=3.7,<4",
     ],
-    # hypothesis: the fuzz tests of the annotation parser, the config loaders and the image reader.
-    extras_require={"test": ["pytest>=7", "hypothesis>=6.100"]},
+    extras_require={
+        # `sly-unet serve`: the model server (an ASGI app; multipart uploads).
+        "serve": SERVE,
+        # `sly-unet export` and the onnxruntime inference backend (onnxscript: torch's ONNX exporter).
+        "export": EXPORT,
+        # hypothesis: the fuzz tests of the annotation parser, the config loaders and the image reader;
+        # the serve and export extras, whose tests run a real server and a real ONNX runtime.
+        "test": ["pytest>=7", "hypothesis>=6.100", *SERVE, *EXPORT],
+    },
     entry_points={"console_scripts": ["sly-unet=plugin.cli:main"]},
 )
