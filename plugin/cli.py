@@ -1,4 +1,4 @@
-"""The `sly-unet` command: train, infer, evaluate, masks, augment-preview, demo. Each subcommand runs inside the agent's crash wrapper."""
+"""The `sly-unet` command: train, infer, evaluate, masks, augment-preview, plot, demo. Each subcommand runs inside the agent's crash wrapper."""
 
 from __future__ import annotations
 
@@ -42,7 +42,8 @@ def _evaluate(args: argparse.Namespace) -> None:
     if args.max_image_pixels is not None:
         set_max_image_pixels(args.max_image_pixels)
     run_evaluate(
-        Path(args.gt), Path(args.pred), args.suffix, Path(args.out) if args.out else None, args.background, args.neutral
+        Path(args.gt), Path(args.pred), args.suffix, Path(args.out) if args.out else None, args.background, args.neutral,
+        Path(args.confusion_png) if args.confusion_png else None,
     )
 
 
@@ -76,6 +77,15 @@ def _augment_preview(args: argparse.Namespace) -> None:
     log.info(f"wrote {len(written)} augmented samples to {args.out}", extra={"previews": len(written)})
 
 
+def _plot(args: argparse.Namespace) -> None:
+    from plugin.plots import write_curves
+
+    curves = write_curves(Path(args.log), Path(args.out))
+    validations = len(curves.val["loss"].epochs) if "loss" in curves.val else 0
+    log.info(f"wrote {args.out}: the training curves of {args.log} ({validations} validations)",
+             extra={"out": args.out, "validations": validations})
+
+
 def _demo(args: argparse.Namespace) -> None:
     from plugin.demo import run_demo
 
@@ -90,6 +100,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], None]]] = {
     "masks": ("UNET_V2_MASKS", _masks),
     "demo": ("UNET_V2_DEMO", _demo),
     "augment-preview": ("UNET_V2_AUGMENT_PREVIEW", _augment_preview),
+    "plot": ("UNET_V2_PLOT", _plot),
 }
 
 
@@ -141,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="also write the metrics as JSON to this file")
     p.add_argument("--background", default="bg", help="background class title (default: bg)")
     p.add_argument("--neutral", default="neutral", help="neutral class title, ignored (default: neutral)")
+    p.add_argument("--confusion-png", help="also draw the confusion matrix (row shares and pixel counts) to this PNG")
     _add_pixel_limit(p)
 
     p = add("masks", "write the training targets of a project as PNG class masks, for checking annotations")
@@ -156,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task-dir", help="task directory (default: $SLY_TASK_DIR, else /sly_task_data)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--n", type=_positive_int, default=16, help="how many samples (default: 16)")
+
+    p = add("plot", "draw the training curves (loss, val IoU, learning rate) of a train log as a PNG")
+    p.add_argument("--log", required=True, help="tmp/train_log.jsonl, or an agent log of a legacy UNet v2 training")
+    p.add_argument("--out", required=True, help="the PNG to write")
 
     p = add("demo", "generate a synthetic task dir and train on it on the CPU")
     p.add_argument("--out", default="build/demo", help="where the demo task dir goes (default: build/demo)")

@@ -13,6 +13,7 @@ exactly what the model was trained to reproduce. Report (JSON, as written by run
                          "absent": bool,      # in neither the ground truth nor the prediction: iou/dice None
                          "gt_pixels": int,    # ground-truth pixels of the class
                          "pred_pixels": int}},# predicted pixels of the class
+     "confusion_matrix": [[int]],  # pixel counts [ground-truth class][predicted class], in the order of "classes"
      "ignored_pred_images": int}   # prediction images with no ground-truth image of the same (dataset, name)
 
 Classes are listed in mask index order (background first, then the other titles sorted); the neutral
@@ -34,6 +35,7 @@ from plugin.format.masks import draw_labels, rasterize
 from plugin.format.project import check_image_size, find_project, list_items, read_annotation, read_meta
 from plugin.jsonfile import write_json
 from plugin.nn.metrics import confusion_matrix, summarize
+from plugin.plots import write_confusion
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +116,7 @@ def evaluate_projects(
             }
             for i, title in enumerate(titles)
         },
+        "confusion_matrix": cm.tolist(),
         "ignored_pred_images": ignored,
     }
 
@@ -148,13 +151,17 @@ def format_report(report: dict) -> str:
 
 
 def run_evaluate(
-    gt_dir: Path, pred_dir: Path, suffix: str, out: Path | None, background: str, neutral: str
+    gt_dir: Path, pred_dir: Path, suffix: str, out: Path | None, background: str, neutral: str,
+    confusion_png: Path | None = None,
 ) -> dict:
-    """The `sly-unet evaluate` body: print the table to stdout, write the report to `out` when given."""
+    """The `sly-unet evaluate` body: print the table to stdout, write the report to `out` and the
+    confusion matrix picture to `confusion_png` when given."""
     report = evaluate_projects(Path(gt_dir), Path(pred_dir), suffix, background, neutral)
     print(format_report(report))
     if out is not None:
         write_json(Path(out), report)
+    if confusion_png is not None:
+        write_confusion(report, Path(confusion_png))
     return report
 
 

@@ -77,6 +77,7 @@ def fit(
     class_weights: list[float] | None = None,
     resume: dict | None = None,
     save_state: Callable[[dict], int] | None = None,
+    on_validated: Callable[[], None] | None = None,
 ) -> TrainSummary:
     """The loop: the configured optimizer and LR schedule, train metrics every log_every, validation
     and a checkpoint when the planner says so, until the epochs, the time budget or early stopping end it.
@@ -84,7 +85,8 @@ def fit(
     `writer` and `save_state` (which writes a resume state, returning its size) are None on the
     ranks that write nothing; `val_real` is how many of this rank's val samples are real (the rest
     is padding), all of them when None; `class_weights` (one per class) weight the cross-entropy
-    term; `resume` is a resume state of this run to continue from. The train loader's sampler is an
+    term; `resume` is a resume state of this run to continue from; `on_validated` runs after each
+    validation's checkpoint (rank 0 redraws the training curves). The train loader's sampler is an
     EpochSampler. Raises Stopped after a stop signal, once the resume state is written.
     """
     if resume is not None:
@@ -196,7 +198,8 @@ def fit(
         nonfinite.account(report.steps, report.diverged, total, warn=ctx.is_main)
         metrics, _ = batch_metrics(report.cm, titles)
         line = headline(metrics) if report.loss is None else {"loss": report.loss, **headline(metrics)}
-        agent_log.log_metrics("train", epoch + (iteration + 1) / iters, line)
+        # The LR of the window's last step rides along for the training curves (plots.py).
+        agent_log.log_metrics("train", epoch + (iteration + 1) / iters, line, lr=report.steps[-1][1])
         window.planned = plan_window()
 
     def checkpoint(epoch: int, iteration: int, ending: str | None) -> str | None:
@@ -226,6 +229,8 @@ def fit(
                                      before_announce=write_state))
         else:
             write_state()
+        if on_validated is not None:
+            on_validated()
         if budget.seconds is not None:
             # Shared, so that every rank plans the same iterations to the end of the budget.
             val_s = distributed.all_reduce_max(torch.tensor([time.monotonic() - started], device=device)).item()

@@ -25,6 +25,7 @@ from plugin.nn.devices import WorldPlan, plan_world
 from plugin.nn.losses import resolve_class_weights
 from plugin.nn.model import build_model
 from plugin.nn.weights import CONFIG_NAME, WEIGHTS_NAME, load_continue, load_state_dict, load_transfer
+from plugin.plots import write_curves
 from plugin.settings import Scale, TrainConfig
 from plugin.task_dir import TaskDir
 from plugin.training import distributed, stop
@@ -111,21 +112,34 @@ def train_rank(ctx: DistContext, task: TaskDir, config: TrainConfig, world: Worl
     torch.manual_seed(config.seed)
     model = build_model(mapping.num_classes)
     apply_initial_weights(model, initial_weights, config.weights_init_type, task.model_dir / WEIGHTS_NAME)
-    writer = None
-    save = None
+    writer = save = redraw = None
     if ctx.is_main:
         writer = CheckpointWriter(task.results_dir, task.tmp_dir / "checkpoints", config.keep_checkpoints)
 
         def save(state: dict) -> int:
             return save_state(task.state_path, state, run_fingerprint)
 
-    summary = fit(model, loaders, config, mapping, device, writer, ctx, val_real, class_weights, resume, save)
+        def redraw() -> None:
+            write_progress(task.tmp_dir / "train_log.jsonl", task.tmp_dir / "progress.png")
+
+    summary = fit(model, loaders, config, mapping, device, writer, ctx, val_real, class_weights, resume, save,
+                  redraw)
     if ctx.is_main and task.state_path.exists():
         # The run is complete: the next run on this task dir is a new one.
         task.state_path.unlink()
         task.state_path.parent.rmdir()
         log.info(f"training finished ({summary.end}); the resume state {task.state_path} is removed")
     return summary
+
+
+def write_progress(log_path: Path, out_path: Path) -> None:
+    """Redraw the training curves of the run's log; a picture that cannot be drawn is a warning, never
+    the end of a training run."""
+    try:
+        write_curves(log_path, out_path)
+    except Exception as error:  # noqa: BLE001 - the picture is a convenience; the run and its checkpoints come first
+        log.warning(f"the training curves {out_path} could not be drawn ({agent_log.crash_message(error)}); "
+                    "training goes on", extra={"progress_png": str(out_path)})
 
 
 def refuse_output_links(task: TaskDir) -> None:
