@@ -100,7 +100,8 @@ def curves_from_records(records: list[MetricsRecord]) -> Curves:
 
     tmp/train_log.jsonl is appended to by every run on a task dir. A line whose epoch is not past
     the last of its kind starts a run again (a new run from 0, or a resume from an earlier
-    checkpoint): it replaces every figure logged from its epoch on.
+    checkpoint): it replaces every figure logged from its epoch on. A run's first line comes after its
+    first iteration, so a new run replaces the whole earlier one.
     """
     kept: list[MetricsRecord] = []
     last: dict[str, float] = {}
@@ -251,11 +252,16 @@ def write_curves(log_path: Path, out_path: Path) -> Curves:
     return curves
 
 
-def write_confusion(report: dict, out_path: Path) -> None:
-    """Draw an evaluate report's confusion matrix to `out_path`."""
+def confusion_figure(report: dict) -> Figure:
+    """An evaluate report's confusion matrix (evaluate.py's report), captioned with its mean IoU."""
     mean_iou = report["mean_iou"]
     caption = f"{report['images']} images, mean IoU " + ("n/a" if mean_iou is None else f"{mean_iou:.4f}")
-    save_png(draw_confusion(report["confusion_matrix"], list(report["classes"]), caption), out_path)
+    return draw_confusion(report["confusion_matrix"], list(report["classes"]), caption)
+
+
+def write_confusion(report: dict, out_path: Path) -> None:
+    """Draw an evaluate report's confusion matrix to `out_path`."""
+    save_png(confusion_figure(report), out_path)
 
 
 def _text(text: str) -> str:
