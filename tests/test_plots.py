@@ -16,7 +16,14 @@ from matplotlib.colors import to_rgb
 from PIL import Image
 
 from plugin import plots
-from plugin.plots import Series, curves_from_records, draw_curves, read_metrics, save_png, write_curves
+from plugin.plots import (
+    Series,
+    curves_from_records,
+    draw_curves,
+    read_metrics,
+    save_png,
+    write_curves,
+)
 from tests.conftest import REPO, Run
 from tests.test_evaluate import GT_A, PRED_A, gt_and_pred
 
@@ -131,8 +138,8 @@ def test_plot_reads_a_legacy_agent_log(tmp_path: Path) -> None:
             loss, accuracy, dice = val[it / 8]
             lines.append(metrics_line("val", it / 8, {"loss": loss, "accuracy": accuracy, "dice": dice}))
     lines[5] = "2020-06-01T10:00:00.000000000Z " + lines[5]  # docker logs --timestamps
-    lines += ["Traceback (most recent call last):", '  File "train.py", line 1', '{"message": "metrics", "event_type'
-              '": "EventType.METRICS", "type": "train", "epo']
+    cut_short = metrics_line("train", 1.125, {"loss": 0.1})[:60]
+    lines += ["Traceback (most recent call last):", '  File "train.py", line 1', cut_short]
     log = tmp_path / "agent.log"
     log.write_text("\n".join(lines) + "\n")
 
