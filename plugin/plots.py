@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 DPI = 100
 CURVES_WIDTH_IN, PANEL_HEIGHT_IN = 10.0, 3.0
+LEGEND_ENTRY_IN = 0.19  # a legend line at fontsize "small", with its spacing
 # Legacy logs have no IoU: their val accuracy and dice take the scores panel.
 LEGACY_SCORES = ("accuracy", "dice")
 
@@ -130,11 +131,14 @@ def _pairs(pairs: list[tuple[float, float]]) -> Series:
 
 def draw_curves(curves: Curves) -> Figure:
     """Stacked panels over the epochs: train and val loss; val mean IoU and per-class IoU (legacy
-    logs: val accuracy and dice); the learning rate when the log has it. 1000 px wide, 300 px a panel."""
-    panels = 3 if curves.lr.epochs else 2
-    width, height = CURVES_WIDTH_IN, PANEL_HEIGHT_IN * panels
+    logs: val accuracy and dice); the learning rate when the log has it. 1000 px wide, 300 px a panel;
+    the IoU panel grows past 9 classes, so that its legend fits beside it."""
+    ious = {name.split("/", 1)[1]: s for name, s in curves.val.items() if name.startswith("iou/")}
+    heights = [PANEL_HEIGHT_IN, max(PANEL_HEIGHT_IN, LEGEND_ENTRY_IN * (len(ious) + 1) + 1.0)]
+    heights += [PANEL_HEIGHT_IN] if curves.lr.epochs else []
+    width, height = CURVES_WIDTH_IN, sum(heights)
     fig = _figure(width, height, layout=None)
-    axes = fig.subplots(panels, 1, sharex=True, squeeze=False)[:, 0]
+    axes = fig.subplots(len(heights), 1, sharex=True, squeeze=False, height_ratios=heights)[:, 0]
     # Fixed margins in inches (room for the tick labels, the title and the legends on the right):
     # a layout engine would double the cost of a redraw after every validation.
     fig.subplots_adjust(left=0.9 / width, right=1 - 2.5 / width, bottom=0.6 / height, top=1 - 0.5 / height,
@@ -146,7 +150,6 @@ def draw_curves(curves: Curves) -> Figure:
     loss.set_ylabel("loss")
 
     scores = axes[1]
-    ious = {name.split("/", 1)[1]: s for name, s in curves.val.items() if name.startswith("iou/")}
     if "mean_iou" in curves.val or ious:
         _line(scores, curves.val.get("mean_iou"), "val mean IoU", "black", width=2.5, marker="o")
         palette = _palette(len(ious))
@@ -167,8 +170,7 @@ def draw_curves(curves: Curves) -> Figure:
     for ax in axes:
         ax.grid(alpha=0.3)
         if ax.lines:
-            ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small",
-                      ncol=2 if len(ax.lines) > 16 else 1)
+            ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     fig.suptitle(_curves_title(curves))
     return fig
 
@@ -194,7 +196,7 @@ def _curves_title(curves: Curves) -> str:
 def draw_confusion(matrix: list[list[int]], titles: list[str], caption: str = "") -> Figure:
     """The confusion matrix (rows: ground truth, columns: prediction), each row coloured by its share
     of the row's pixels, every cell annotated with that share and its pixel count; class titles on
-    both axes. Square, 600 px and up (0.55 in a class past 6 classes)."""
+    both axes. Square: 600 px, or 2.5 in plus 0.55 in a class when that is more (at most 40 in)."""
     counts = np.asarray(matrix, dtype=np.float64)
     n = len(titles)
     rows = counts.sum(axis=1, keepdims=True)
