@@ -179,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("predict", "send an image to a running `sly-unet serve` and write the predicted annotation")
     p.add_argument("--url", required=True, help="the server, e.g. http://127.0.0.1:8000")
     p.add_argument("image", help="image file")
-    p.add_argument("--mode", help='the inference mode as JSON, e.g. \'{"name": "sliding_window"}\' (default: full_image)')
+    p.add_argument("--mode", help='the inference mode as JSON, e.g. \'{"name": "sliding_window"}\' '
+                   "(default: full_image)")
     p.add_argument("--annotation", help="the image's annotation JSON file (bboxes predicts inside its objects)")
     p.add_argument("--confidence", action="store_true", help="each object also gets its confidence map")
     p.add_argument("--out", help="write the annotation here (default: print it on stdout)")

@@ -70,7 +70,9 @@ def serve(options: ServeOptions) -> None:
         set_max_image_pixels(options.max_image_pixels)
     sock = _bind(options.host, options.port)
     port = sock.getsockname()[1]
-    log.info(f"serving on http://{options.host}:{port} (the model is loading)", extra={"host": options.host, "port": port})
+    log.info(
+        f"serving on http://{options.host}:{port} (the model is loading)", extra={"host": options.host, "port": port}
+    )
     model = _Model()
     config = uvicorn.Config(
         build_app(model, options), log_config=None, access_log=False,
@@ -240,7 +242,9 @@ async def _read_body(request: Any, limit: int) -> bytes:
         if size <= limit:
             chunks.append(chunk)
     if size > limit:
-        raise LimitExceeded(f"the request is {size} bytes, over the limit of {limit} (--max-request-bytes)", where=REQUEST)
+        raise LimitExceeded(
+            f"the request is {size} bytes, over the limit of {limit} (--max-request-bytes)", where=REQUEST
+        )
     return b"".join(chunks)
 
 
