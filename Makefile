@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-.PHONY: venv test demo bench bench-masks bench-quality clean train-image inference-image images image-test
+.PHONY: venv test demo bench bench-masks bench-quality clean train-image inference-image serve-image images image-test
 
 venv: $(VENV)/.installed
 
@@ -51,12 +51,17 @@ VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' plugin/__init__.py)
 IMAGE_TAG ?= $(VERSION)
 TRAIN_IMAGE ?= sly-unet-train
 INFERENCE_IMAGE ?= sly-unet-inference
+SERVE_IMAGE ?= sly-unet-serve
 
 train-image:
 	$(DOCKER) build $(DOCKER_BUILD_ARGS) -f docker/Dockerfile --target train -t $(TRAIN_IMAGE):$(IMAGE_TAG) .
 
 inference-image:
 	$(DOCKER) build $(DOCKER_BUILD_ARGS) -f docker/Dockerfile --target inference -t $(INFERENCE_IMAGE):$(IMAGE_TAG) .
+
+# The model server (entrypoints/serve.py): the inference image plus the serve extra.
+serve-image:
+	$(DOCKER) build $(DOCKER_BUILD_ARGS) -f docker/Dockerfile --target serve -t $(SERVE_IMAGE):$(IMAGE_TAG) .
 
 images: train-image inference-image
 

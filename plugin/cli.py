@@ -1,4 +1,5 @@
-"""The `sly-unet` command: train, infer, evaluate, masks, augment-preview, plot, demo. Each subcommand runs inside the agent's crash wrapper."""
+"""The `sly-unet` command: train, infer, serve, predict, evaluate, masks, augment-preview, plot, demo. Each subcommand
+runs inside the agent's crash wrapper."""
 
 from __future__ import annotations
 
@@ -33,6 +34,31 @@ def _infer(args: argparse.Namespace) -> None:
         f"wrote {summary.output_dir} ({summary.images} images, {summary.objects} objects added, {summary.skipped} skipped)",
         extra={"output_project": str(summary.output_dir)},
     )
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from plugin.inference.serve import ServeOptions, serve
+
+    serve(ServeOptions(
+        Path(args.model), args.host, args.port, args.device, args.amp, args.queue_size, args.max_request_bytes,
+        args.max_image_pixels, args.drain_seconds,
+    ))
+
+
+def _predict(args: argparse.Namespace) -> None:
+    import json
+
+    from plugin.inference.client import Client
+    from plugin.jsonfile import parse_json, read_json, write_json
+
+    mode = None if args.mode is None else parse_json(args.mode, "--mode")
+    annotation = None if args.annotation is None else read_json(Path(args.annotation))
+    result = Client(args.url).predict(Path(args.image), mode, annotation, args.confidence)
+    if args.out is None:
+        print(json.dumps(result))
+        return
+    write_json(Path(args.out), result)
+    log.info(f"wrote {args.out} ({len(result['objects'])} objects)", extra={"objects": len(result["objects"])})
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -96,6 +122,8 @@ def _demo(args: argparse.Namespace) -> None:
 COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], None]]] = {
     "train": ("UNET_V2_TRAIN", _train),
     "infer": ("UNET_V2_INFERENCE", _infer),
+    "serve": ("UNET_V2_SERVICE", _serve),
+    "predict": ("UNET_V2_PREDICT", _predict),
     "evaluate": ("UNET_V2_EVALUATE", _evaluate),
     "masks": ("UNET_V2_MASKS", _masks),
     "demo": ("UNET_V2_DEMO", _demo),
@@ -144,6 +172,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("infer", "apply a trained model to a task dir's project (the inference container's command)")
     p.add_argument("--task-dir", help="task directory (default: $SLY_TASK_DIR, else /sly_task_data)")
+
+    p = add("serve", "serve a trained model over HTTP: POST /model/inference, GET /model/info, GET /health")
+    p.add_argument("--model", required=True, help="model directory: config.json and model.pt of a train checkpoint")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0: any free port, logged)")
+    p.add_argument("--device", type=int, default=0, help="CUDA device index (default: 0); the CPU without CUDA")
+    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
+                   help="precision of the forward, as model.amp of the inference config (default: auto)")
+    p.add_argument("--queue-size", type=_positive_int, default=16,
+                   help="requests that may wait for the model; more get 503 with Retry-After (default: 16)")
+    p.add_argument("--max-request-bytes", type=_positive_int, default=64 * 2**20,
+                   help="larger requests get 413 (default: 64 MiB)")
+    p.add_argument("--drain-seconds", type=float, default=60.0,
+                   help="on SIGTERM, how long the requests in flight may take to finish (default: 60)")
+    _add_pixel_limit(p)
+
+    p = add("predict", "send an image to a running `sly-unet serve` and write the predicted annotation")
+    p.add_argument("--url", required=True, help="the server, e.g. http://127.0.0.1:8000")
+    p.add_argument("image", help="image file")
+    p.add_argument("--mode", help='the inference mode as JSON, e.g. \'{"name": "sliding_window"}\' '
+                   "(default: full_image)")
+    p.add_argument("--annotation", help="the image's annotation JSON file (bboxes predicts inside its objects)")
+    p.add_argument("--confidence", action="store_true", help="each object also gets its confidence map")
+    p.add_argument("--out", help="write the annotation here (default: print it on stdout)")
 
     p = add("evaluate", "compare a predicted project with the ground-truth project: IoU, Dice, accuracy")
     p.add_argument("--gt", required=True, help="ground-truth project (or a folder holding one)")

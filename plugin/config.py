@@ -16,7 +16,7 @@ from jsonschema import Draft7Validator, ValidationError
 from jsonschema.protocols import Validator
 from jsonschema.validators import validator_for
 
-from plugin.errors import TaskError
+from plugin.errors import InvalidConfig, TaskError
 from plugin.format.images import DEFAULT_MAX_IMAGE_PIXELS
 from plugin.jsonfile import read_json
 from plugin.settings import MATCH_ALL, InferenceConfig, TrainConfig
@@ -159,11 +159,16 @@ def read_inference_config(path: Path) -> InferenceConfig:
 
 
 def load_inference_config(path: Path) -> dict:
-    """The inference config of `path`, normalized, with its mode's defaults; TaskError(where=path) listing all problems.
+    """The inference config of `path`, normalized, with its mode's defaults; TaskError(where=path) listing all problems."""
+    return inference_config(read_json(path), str(path))
+
+
+def inference_config(raw: dict, where: str) -> dict:
+    """An inference config already read (a task's file, a server request's mode), normalized, with its
+    mode's defaults; InvalidConfig(where=where) listing all problems.
 
     A config without a "model" key is the v1 layout and is converted first; legacy key names are renamed.
     """
-    raw = read_json(path)
     errors: list[str] = []
     user = copy.deepcopy(raw) if "model" in raw else _from_v1_layout(raw, errors)
     mode = user.get("mode")
@@ -175,12 +180,17 @@ def load_inference_config(path: Path) -> dict:
         name = _DEFAULT_MODE
     merged = merge_defaults(_inference_defaults(name), user)
     errors += schema_errors(merged, INFERENCE_SCHEMA) + _inference_semantic_errors(merged)
-    _raise_if_any(sorted(errors), str(path))
+    _raise_if_any(sorted(errors), where)
     schema = _validator(INFERENCE_SCHEMA).schema
     config = _coerce_integers(merged, schema)
     # The mode's keys are described by definitions/<name> (picked by if/then), out of _coerce_integers' reach.
     config["mode"] = _coerce_integers(config["mode"], schema["definitions"][config["mode"]["name"]])
     return config
+
+
+def mode_defaults() -> dict[str, dict]:
+    """Each mode's section as a config that names only the mode gets it (what the model server lists)."""
+    return {name: _inference_defaults(name)["mode"] for name in _MODE_DEFAULTS}
 
 
 def parse_side(value: str, length: int, where: str) -> int:
@@ -329,7 +339,8 @@ def _is_number(value: object) -> bool:
 def _raise_if_any(errors: list[str], where: str) -> None:
     if errors:
         count = f"{len(errors)} problem" + ("s" if len(errors) > 1 else "")
-        raise TaskError(f"invalid config ({count}):\n" + "\n".join(f"  {line}" for line in errors), where=where)
+        message = f"invalid config ({count}):\n" + "\n".join(f"  {line}" for line in errors)
+        raise InvalidConfig(message, errors, where=where)
 
 
 @functools.lru_cache(maxsize=None)

@@ -18,6 +18,18 @@ class TaskError(Exception):
         super().__init__(f"{self.where}: {message}" if self.where else message)
 
 
+class InvalidConfig(TaskError):
+    """A config (or a request's mode) that fails its schema; `problems` lists each violation as `path: reason`."""
+
+    def __init__(self, message: str, problems: list[str], where: str | os.PathLike | None = None) -> None:
+        super().__init__(message, where)
+        self.problems = tuple(problems)
+
+
+class LimitExceeded(TaskError):
+    """Input over a documented size limit (an image's pixels, a request's bytes): the server's 413."""
+
+
 class Stopped(BaseException):
     """A stop signal (SIGTERM, SIGINT) asked the task to end: raised at the next safe point.
 

@@ -36,18 +36,23 @@ def read_json(path: Path) -> dict:
         raise TaskError("expected a JSON file, found a directory", where=path) from None
     except UnicodeDecodeError as e:
         raise TaskError(f"not UTF-8 text (byte {e.start})", where=path) from None
+    return parse_json(text, path)
+
+
+def parse_json(text: str | bytes, where: str | os.PathLike) -> dict:
+    """The JSON object in `text` (a file's or a request's), with read_json's errors naming `where`."""
     try:
         value = json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as e:
-        raise TaskError(f"not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}", where=path) from None
-    except ValueError as e:
-        raise TaskError(f"not valid JSON: {e}", where=path) from None
+        raise TaskError(f"not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}", where=where) from None
+    except ValueError as e:  # also bytes that are not UTF-8 (UnicodeDecodeError)
+        raise TaskError(f"not valid JSON: {e}", where=where) from None
     except RecursionError:
-        raise TaskError(_TOO_DEEP, where=path) from None
+        raise TaskError(_TOO_DEEP, where=where) from None
     if _deeper_than(value, MAX_JSON_DEPTH):
-        raise TaskError(_TOO_DEEP, where=path)
+        raise TaskError(_TOO_DEEP, where=where)
     if not isinstance(value, dict):
-        raise TaskError(f"expected a JSON object at the top level, found {_JSON_TYPE_NAMES[type(value)]}", where=path)
+        raise TaskError(f"expected a JSON object at the top level, found {_JSON_TYPE_NAMES[type(value)]}", where=where)
     return value
 
 

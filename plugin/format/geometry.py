@@ -216,7 +216,7 @@ def encode_bitmap(mask: np.ndarray, origin: tuple[int, int] = (0, 0)) -> dict:
     """{"origin": [x, y], "data": "eJ..."} as the SDK writes it: cropped to the true pixels, 1-bit palette PNG
     with index 0 transparent, zlib, base64. origin is where mask[0, 0] lies in the image."""
     mask = np.asarray(mask, dtype=bool)
-    box = _true_box(mask)
+    box = true_box(mask)
     if box is None:
         raise ValueError("cannot encode an empty bitmap")
     top, bottom, left, right = box
@@ -286,7 +286,7 @@ def _clip_box(
     return None if left > right or top > bottom else (left, top, right, bottom)
 
 
-def _true_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+def true_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
     """(top, bottom, left, right), inclusive, of the true pixels; None when there is none."""
     rows = np.flatnonzero(mask.any(axis=1))
     if not rows.size:
@@ -296,7 +296,7 @@ def _true_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
 
 
 def _tight_bitmap(mask: np.ndarray, origin: tuple[int, int]) -> Bitmap:
-    top, bottom, left, right = _true_box(mask)
+    top, bottom, left, right = true_box(mask)
     if (top, left) == (0, 0) and (bottom, right) == (mask.shape[0] - 1, mask.shape[1] - 1):
         return Bitmap((int(origin[0]), int(origin[1])), mask)
     return Bitmap((int(origin[0]) + left, int(origin[1]) + top), mask[top:bottom + 1, left:right + 1])

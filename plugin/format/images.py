@@ -5,7 +5,8 @@ pixel layout and one set of limits everywhere (the SDK's `sly.image.read` is
 `cv2.imdecode(..., IMREAD_COLOR)`). Before a pixel is decoded, the header must name an accepted format
 (by content, whatever the file's extension) and declare at most max_image_pixels() pixels.
 read_reduced is the same decoding for a caller that will shrink the image: a large JPEG is then
-decoded at a fraction of its size, which skips most of the work.
+decoded at a fraction of its size, which skips most of the work. Every reader takes a file's path or,
+for an image sent to the model server, its bytes (errors then name UPLOAD).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from plugin.errors import TaskError
+from plugin.errors import LimitExceeded, TaskError
 
 # 2**28 pixels is a 16384 x 16384 image, 0.75 GiB as RGB uint8: far above the inputs a UNet is trained
 # on here (at most 4096 a side). It caps bitmaps and annotation sizes too. A 60000 x 60000 PNG bomb of a
@@ -63,6 +64,8 @@ _DECODE_FLAGS = {
 }
 
 _max_pixels = DEFAULT_MAX_IMAGE_PIXELS
+# What errors about an image given as bytes name: the model server's request field.
+UPLOAD = "image"
 
 
 def set_max_image_pixels(pixels: int) -> None:
@@ -92,7 +95,9 @@ def check_image_pixels(width: int, height: int, what: str, where: object) -> Non
         limit = f"OpenCV's limit of {MAX_IMAGE_SIDE} pixels a side"
     else:
         return
-    raise TaskError(f"{what} is {width}x{height} (width x height) = {width * height} pixels, over {limit}", where=where)
+    raise LimitExceeded(
+        f"{what} is {width}x{height} (width x height) = {width * height} pixels, over {limit}", where=where
+    )
 
 
 def check_png_chunks(file: BinaryIO, what: str, where: object) -> None:
@@ -101,7 +106,7 @@ def check_png_chunks(file: BinaryIO, what: str, where: object) -> None:
         pass
 
 
-def read_image(path: Path) -> np.ndarray:
+def read_image(path: Path | bytes) -> np.ndarray:
     """RGB uint8 (H, W, 3), decoded by OpenCV as the SDK does (grey, 16-bit, palette, alpha and CMYK images
     become 3 channels of 8 bits); the file is read once, and its header checked before decoding."""
     return read_reduced(path, None).pixels
@@ -116,14 +121,17 @@ class Reduced:
     size: tuple[int, int]  # (width, height) at full resolution, as read_image decodes it
 
 
-def read_reduced(path: Path, shrink_to: tuple[int, int] | None) -> Reduced:
+def read_reduced(path: Path | bytes, shrink_to: tuple[int, int] | None) -> Reduced:
     """read_image for a caller that will shrink the image to `shrink_to` (width, height): a JPEG that
     shrinks by 4x or more on both sides is decoded at 1/2, 1/4 or 1/8 by libjpeg's scaled IDCT (see
     reduction_factor), which skips most of the decoding work; other images, or None, decode in full."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise TaskError(f"the image cannot be read: {exc.strerror or exc}", where=path) from None
+    if isinstance(path, bytes):
+        data, path = path, UPLOAD
+    else:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise TaskError(f"the image cannot be read: {exc.strerror or exc}", where=path) from None
     # The header checked is that of the very bytes decoded below.
     file = io.BytesIO(data)
     with _open(file, path) as img:
@@ -155,10 +163,12 @@ def reduction_factor(size: tuple[int, int], target: tuple[int, int]) -> int:
     return 1
 
 
-def read_image_size(path: Path) -> tuple[int, int]:
+def read_image_size(path: Path | bytes) -> tuple[int, int]:
     """(height, width) of read_image(path), from the header and the EXIF orientation tag; no pixel is decoded."""
+    if isinstance(path, bytes):
+        data, path = path, UPLOAD
     try:
-        with open(path, "rb") as file, _open(file, path) as img:
+        with (io.BytesIO(data) if path == UPLOAD else open(path, "rb")) as file, _open(file, path) as img:
             width, height = _checked_size(img, path)
             orientation = _orientation(img, file, path)
     except TaskError:

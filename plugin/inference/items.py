@@ -2,6 +2,8 @@
 
 `read_item` runs in the inference pipeline's decoder threads and `write_item` in its writer threads
 (inference/pipeline.py), so neither touches the model; each raises TaskError naming the file at fault.
+`predicted_annotation` is what both write_item and the model server (inference/serve.py) make of a
+prediction.
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 
 from plugin.errors import TaskError
-from plugin.format.geometry import Bitmap, Rectangle, bitmap_to_json
+from plugin.format.geometry import Bitmap, Rectangle, bitmap_to_json, true_box
 from plugin.format.images import read_image, read_image_size
 from plugin.format.project import Item, Label, ProjectMeta, check_image_size, link_or_copy, parse_annotation
 from plugin.inference import modes
@@ -35,13 +38,14 @@ class OutputPlan:
     box_class: str | None = None  # roi / sliding_window with save: the class of the saved boxes
     box_suffix: str | None = None  # bboxes with save: a box is saved as "<source class><box_suffix>"
     bbox_sources: frozenset[str] = frozenset()  # bboxes: the input classes whose boxes are predicted
+    confidence: bool = False  # the server's option: each class object carries CONFIDENCE_KEY
 
 
 @dataclass(frozen=True)
 class ReadItem:
     """An image ready to predict, with its annotation document and the labels the mode predicts from."""
 
-    item: Item
+    item: Item | None  # None for an image sent to the model server
     image: np.ndarray | None  # None when the reader made `inputs` from the file instead
     size: tuple[int, int]  # (height, width) of the image as decoded
     doc: dict
@@ -81,26 +85,52 @@ def read_item(
     return ReadItem(item, image, tuple(size), doc, labels, inputs)
 
 
+# An object's per-pixel confidence (the server's `confidence` option): {"origin": [x, y], "data": base64 PNG}.
+CONFIDENCE_KEY = "confidenceMap"
+
+
 def write_item(read: ReadItem, prediction: modes.Prediction, plan: OutputPlan, out_dir: Path) -> int:
     """Write an item's annotation (original objects + predictions) and link its image; the objects added."""
     item, doc = read.item, read.doc
+    out_doc = predicted_annotation(doc, prediction, plan)
+    write_json(out_dir / item.dataset / "ann" / f"{item.name}.json", out_doc)
+    link_or_copy(item.image_path, out_dir / item.dataset / "img" / item.name)
+    return len(out_doc["objects"]) - len(doc.get("objects", []))
+
+
+def predicted_annotation(doc: dict, prediction: modes.Prediction, plan: OutputPlan) -> dict:
+    """The annotation `doc` with the prediction's objects appended (saved boxes, then one bitmap per
+    class present) and, with plan.save_probabilities, its probabilities in customBigData."""
     new_objects = [*_box_objects(plan, prediction), *_class_objects(prediction, plan)]
     out_doc = {**doc, "objects": list(doc.get("objects", [])) + new_objects}
     if plan.save_probabilities:
         out_doc["customBigData"] = {**(doc.get("customBigData") or {}), **_probabilities(prediction, plan)}
-    write_json(out_dir / item.dataset / "ann" / f"{item.name}.json", out_doc)
-    link_or_copy(item.image_path, out_dir / item.dataset / "img" / item.name)
-    return len(new_objects)
+    return out_doc
 
 
 def _class_objects(prediction: modes.Prediction, plan: OutputPlan) -> list[dict]:
     class_map = prediction.class_map()
+    # The winning class's probability, as 8 bits: argmax picks the largest, so it is the maximum.
+    confidence = np.rint(prediction.probs.max(axis=0) * 255).astype(np.uint8) if plan.confidence else None
     objects = []
     for idx, title in plan.titles.items():
         mask = class_map == idx
         if mask.any():
-            objects.append({"classTitle": title, "description": "", "tags": [], **bitmap_to_json(Bitmap((0, 0), mask))})
+            obj = {"classTitle": title, "description": "", "tags": [], **bitmap_to_json(Bitmap((0, 0), mask))}
+            if confidence is not None:
+                obj[CONFIDENCE_KEY] = _confidence_map(confidence, mask)
+            objects.append(obj)
     return objects
+
+
+def _confidence_map(confidence: np.ndarray, mask: np.ndarray) -> dict:
+    """The confidence over the object's bitmap (the same box as encode_bitmap crops to), 0 off its pixels."""
+    top, bottom, left, right = true_box(mask)
+    crop = np.where(mask[top:bottom + 1, left:right + 1], confidence[top:bottom + 1, left:right + 1], 0)
+    ok, png = cv2.imencode(".png", crop.astype(np.uint8))
+    if not ok:
+        raise RuntimeError("OpenCV could not encode a confidence map as PNG")
+    return {"origin": [left, top], "data": base64.b64encode(png.tobytes()).decode("ascii")}
 
 
 def _box_objects(plan: OutputPlan, prediction: modes.Prediction) -> list[dict]:

@@ -70,8 +70,8 @@ class Predictor:
         """Probabilities (C, H, W) of a whole image or box at the training scale (see `regions`)."""
         return self.regions([image])[0]
 
-    def network_input_of(self, path: Path) -> torch.Tensor:
-        """The (3, h, w) input that `regions` feeds a resize-trained model for a whole image file, on the
+    def network_input_of(self, path: Path | bytes) -> torch.Tensor:
+        """The (3, h, w) input that `regions` feeds a resize-trained model for a whole image file (or its bytes), on the
         CPU: decoded and resized by read_resized, as training made its samples (a large JPEG decoded
         at reduced size), so that inference sees the very pixels training did."""
         return normalize(read_resized(path, *self.input_size))

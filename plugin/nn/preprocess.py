@@ -24,7 +24,7 @@ def resize_image(image: np.ndarray, width: int, height: int) -> np.ndarray:
     return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
 
 
-def read_resized(path: Path, width: int, height: int) -> np.ndarray:
+def read_resized(path: Path | bytes, width: int, height: int) -> np.ndarray:
     """The image file as RGB uint8 (height, width, 3), as resize_image(read_image(path), width, height)
     gives it within about a grey level, a large JPEG decoded at reduced size (read_reduced). Training
     samples and the input of a resize-trained model's whole-image prediction come from here, so both

@@ -1,0 +1,176 @@
+"""The model server's model: one thread runs it, one batch at a time, fed by a bounded queue.
+
+A request is prepared (decoded, checked, planned) and its answer encoded in the server's request
+threads; the model thread only predicts, so it never waits for a decoder or an encoder. Concurrent
+full_image requests of the same mode share a forward, as the inference task batches a project's
+images: an image's output does not depend on what it is batched with (Predictor.regions). Each job
+carries its own image, plan and future, so requests never see each other's data.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import plugin
+from plugin.config import mode_defaults
+from plugin.errors import TaskError
+from plugin.format.images import read_image, read_image_size
+from plugin.format.project import ObjClass, ProjectMeta, parse_annotation
+from plugin.inference import modes
+from plugin.inference.items import OutputPlan, ReadItem, predicted_annotation
+from plugin.inference.predictor import Predictor
+from plugin.inference.task import batching, plan_output, predict
+from plugin.settings import MATCH_ALL, Mode
+
+log = logging.getLogger(__name__)
+
+# What errors about the request's annotation name.
+ANNOTATION = "annotation"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One request, ready for the model."""
+
+    mode: Mode  # sliding_window: window and overlap resolved
+    read: ReadItem
+    plan: OutputPlan
+
+
+class QueueFull(Exception):
+    """Every place in the queue is taken: the server answers 503 with Retry-After."""
+
+
+def prepare(predictor: Predictor, mode: Mode, image: bytes, annotation: dict | None, confidence: bool) -> Job:
+    """Decode the image as `sly-unet infer` does for `mode`, check the annotation against it and plan
+    the output; TaskError naming "image" (UPLOAD), "annotation..." or "mode..." at fault."""
+    batch_size, prepare_input = batching(mode, predictor)
+    if prepare_input is None:
+        pixels, inputs = read_image(image), None
+        size = pixels.shape[:2]
+    else:
+        # full_image of a resize-trained model: the reduced-size decode, never the full pixels.
+        pixels, inputs, size = None, prepare_input(image), read_image_size(image)
+    height, width = size
+    if mode.name == "bboxes" and annotation is None:
+        raise TaskError("bboxes predicts inside the input objects: send the image's annotation", where=ANNOTATION)
+    meta = _request_meta(annotation or {}, mode)
+    labels = []
+    if annotation is not None:
+        ann = parse_annotation(annotation, meta, Path(ANNOTATION))
+        if (ann.height, ann.width) != (height, width):
+            raise TaskError(
+                f"the annotation says the image is {ann.width}x{ann.height} (width x height), but it is "
+                f"{width}x{height}",
+                where=f"{ANNOTATION}.size",
+            )
+        labels = ann.labels
+    if mode.name == "sliding_window":
+        window, overlap = modes.window_plan(predictor, mode.window, mode.min_overlap)
+        mode = replace(mode, window=window, min_overlap=overlap)
+    plan = replace(plan_output(mode, predictor, meta), confidence=confidence)
+    labels = [label for label in labels if label.class_title in plan.bbox_sources]
+    doc = {"description": "", "size": {"height": height, "width": width}, "tags": [], "objects": []}
+    return Job(mode, ReadItem(None, pixels, (height, width), doc, labels, inputs), plan)
+
+
+def answer(job: Job, prediction: modes.Prediction) -> dict:
+    """The response: the annotation of `size` holding the objects `sly-unet infer` adds to the image."""
+    return predicted_annotation(job.read.doc, prediction, job.plan)
+
+
+def model_info(predictor: Predictor) -> dict:
+    """GET /model/info: classes with colours, training input size and scale, modes with defaults, version."""
+    return {
+        "version": plugin.__version__,
+        "classes": [
+            {"index": i, "title": title, "color": predictor.color_of(title)}
+            for i, title in enumerate(predictor.class_titles)
+        ],
+        "input_size": {"width": predictor.input_size[0], "height": predictor.input_size[1]},
+        "scale": {"mode": predictor.scale.mode, "factor": predictor.scale.factor},
+        "modes": mode_defaults(),
+    }
+
+
+def _request_meta(annotation: dict, mode: Mode) -> ProjectMeta:
+    """A meta for one annotation without its project: each object is parsed by its own geometryType
+    (class shape "any"), and the bboxes classes asked for exist even where this image has none."""
+    objects = annotation.get("objects")
+    titles = [obj.get("classTitle") for obj in objects if isinstance(obj, dict)] if isinstance(objects, list) else []
+    if mode.name == "bboxes" and mode.from_classes != MATCH_ALL:
+        titles += list(mode.from_classes)
+    unique = dict.fromkeys(t for t in titles if isinstance(t, str))
+    return ProjectMeta([ObjClass(title, "any", "#000000") for title in unique], [], {})
+
+
+class ModelQueue:
+    """The model thread and its bounded queue of jobs."""
+
+    def __init__(self, predictor: Predictor, size: int) -> None:
+        self.predictor = predictor
+        self.running = 0  # jobs in the forward now (read by /health)
+        self._queue: queue.Queue[tuple[Job, Future]] = queue.Queue(size)
+        self._thread = threading.Thread(target=self._run, name="model", daemon=True)
+        self._thread.start()
+
+    @property
+    def waiting(self) -> int:
+        return self._queue.qsize()
+
+    def full(self) -> bool:
+        return self._queue.full()
+
+    def submit(self, job: Job) -> Future:
+        """The future of the job's Prediction; QueueFull when no place is free."""
+        future: Future = Future()
+        try:
+            self._queue.put_nowait((job, future))
+        except queue.Full:
+            raise QueueFull from None
+        return future
+
+    def _run(self) -> None:
+        # A daemon thread, never stopped: once the server has drained, nothing is queued, and it ends
+        # with the process (also when SIGTERM's drain time ran out in the middle of a forward).
+        held: deque[tuple[Job, Future]] = deque()  # taken from the queue, not batchable with the last batch
+        while True:
+            first = held.popleft() if held else self._queue.get()
+            batch = [first]
+            size, _ = batching(first[0].mode, self.predictor)
+            while len(batch) < size and not held:
+                try:
+                    entry = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if entry[0].mode != first[0].mode:
+                    held.append(entry)
+                else:
+                    batch.append(entry)
+            self._predict([(job, future) for job, future in batch if future.set_running_or_notify_cancel()])
+
+    def _predict(self, batch: list[tuple[Job, Future]]) -> None:
+        if not batch:
+            return
+        mode = batch[0][0].mode
+        # TTA is the request's choice; the model itself is shared.
+        predictor = self.predictor if mode.tta == self.predictor.tta else replace(self.predictor, tta=mode.tta)
+        self.running = len(batch)
+        try:
+            predictions = predict(mode, predictor, [job.read for job, _ in batch])
+        except Exception as exc:  # noqa: BLE001 - every request of the batch gets the error, the thread goes on
+            if not isinstance(exc, TaskError):
+                log.exception("the model failed on a request")
+            for _, future in batch:
+                future.set_exception(exc)
+        else:
+            for (_, future), prediction in zip(batch, predictions):
+                future.set_result(prediction)
+        finally:
+            self.running = 0
