@@ -63,9 +63,9 @@ inference-image:
 serve-image:
 	$(DOCKER) build $(DOCKER_BUILD_ARGS) -f docker/Dockerfile --target serve -t $(SERVE_IMAGE):$(IMAGE_TAG) .
 
-images: train-image inference-image
+images: train-image inference-image serve-image
 
-# Builds both images, then trains and infers with them on small task dirs under build/image-test/.
+# Builds the three images, then trains, infers and serves with them on small task dirs under build/image-test/.
 image-test: images venv
 	$(PY) -m tests.image.run --docker "$(DOCKER)" --train-image $(TRAIN_IMAGE):$(IMAGE_TAG) \
-		--inference-image $(INFERENCE_IMAGE):$(IMAGE_TAG) --work build/image-test
+		--inference-image $(INFERENCE_IMAGE):$(IMAGE_TAG) --serve-image $(SERVE_IMAGE):$(IMAGE_TAG) --work build/image-test

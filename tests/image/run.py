@@ -1,7 +1,8 @@
-"""`make image-test`: the train and inference images run on small task dirs, as the agent runs them.
+"""`make image-test`: the train, inference and serve images run on small task dirs, as the agent runs them.
 
-    make image-test          # builds both images first
-    .venv/bin/python -m tests.image.run --train-image sly-unet-train:0.1.0 --inference-image sly-unet-inference:0.1.0
+    make image-test          # builds the three images first
+    .venv/bin/python -m tests.image.run --train-image sly-unet-train:0.1.0 --inference-image sly-unet-inference:0.1.0 \
+        --serve-image sly-unet-serve:0.1.0
 
 Not collected by pytest (it needs a container engine and takes minutes). Steps:
 1. a synthetic task dir is trained on by the train image and, for reference, by the local entrypoint:
@@ -9,7 +10,9 @@ Not collected by pytest (it needs a container engine and takes minutes). Steps:
    kinds of JSON log lines in the same order;
 2. an inference task dir whose model/ is the best checkpoint goes through the inference image: the
    output project must load with plugin.format.project and hold `_unet` predictions next to the input objects;
-3. bad input: a broken config and a missing task dir mount must exit non-zero from `docker run`
+3. the serve image, on the inference task dir's model/ (its default /sly_task_data/model), answers each
+   image with the very objects the inference image added to it, and `docker stop` ends it with exit 0;
+4. bad input: a broken config and a missing task dir mount must exit non-zero from `docker run`
    (the latter with one line naming /sly_task_data and -v), and extra arguments reach the entrypoint.
 Containers run as the owner of the task dir (`--user UID:GID`), so their files belong to that user; run
 as root, the test hands the task dirs to uid 1000 first so that this is exercised. The work dir is
@@ -23,13 +26,16 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from plugin.errors import TaskError
 from plugin.format.images import read_image
+from plugin.inference.client import Client
 from plugin.format.project import Annotation, list_items, read_annotation, read_meta
 from plugin.nn.weights import load_state_dict
 from plugin.synthetic import make_project
@@ -59,6 +65,8 @@ HOST_UID_WHEN_ROOT = 1000
 LEVELS = {"debug", "info", "warn", "error", "fatal"}
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 RUN_TIMEOUT_S = 900
+# Seconds the serve container has to load the model and answer /health with 200.
+SERVE_READY_S = 120
 
 
 class Failure(Exception):
@@ -113,6 +121,31 @@ class Docker:
         finally:
             subprocess.run([self.command, "rm", "-f", name], capture_output=True)
         return Run(label, proc.returncode, proc.stdout, proc.stderr)
+
+    def start(self, label: str, image: str, *args: str, task_dir: Path) -> str:
+        """`docker run -d` of a server on the host's network (it binds a loopback port); returns its name."""
+        name = f"sly-unet-image-test-{os.getpid()}-{label}"
+        subprocess.run([self.command, "rm", "-f", name], capture_output=True)
+        cmd = [self.command, "run", "-d", "--name", name, "--user", self.user, "--network", "host",
+               "-v", f"{task_dir}:{MOUNT}", image, *args]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+        if proc.returncode != 0:
+            raise Failure(f"`docker run -d {image}` exited {proc.returncode}: {proc.stderr.strip()}")
+        return name
+
+    def stop(self, name: str) -> Run:
+        """`docker stop` (SIGTERM, then SIGKILL after 30 s); the container's exit code and logs, then removed."""
+        try:
+            subprocess.run([self.command, "stop", "-t", "30", name], capture_output=True, timeout=120)
+            code = self.inspect_container(name, "{{.State.ExitCode}}")
+            logs = subprocess.run([self.command, "logs", name], capture_output=True, text=True)
+        finally:
+            subprocess.run([self.command, "rm", "-f", name], capture_output=True)
+        return Run(name, int(code), logs.stdout, logs.stderr)
+
+    def inspect_container(self, name: str, template: str) -> str:
+        proc = subprocess.run([self.command, "inspect", "--format", template, name], capture_output=True, text=True)
+        return proc.stdout.strip()
 
     def inspect(self, image: str, template: str) -> str:
         proc = subprocess.run([self.command, "image", "inspect", "--format", template, image],
@@ -240,11 +273,51 @@ def check_output_project(run: Run, task_dir: Path) -> int:
     return predicted
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def check_server(docker: Docker, image: str, infer_dir: Path) -> int:
+    """The serve image on the inference task dir: every image's answer holds exactly the objects the
+    inference image added to it; `docker stop` drains and exits 0. Returns the images compared."""
+    port = free_port()
+    name = docker.start("serve", image, "--host", "127.0.0.1", "--port", str(port), task_dir=infer_dir)
+    client = Client(f"http://127.0.0.1:{port}", timeout=300)
+    compared = 0
+    try:
+        deadline = time.monotonic() + SERVE_READY_S
+        while True:
+            try:
+                if client.health().get("status") == "ready":
+                    break
+            except TaskError:  # not listening yet
+                pass
+            if time.monotonic() > deadline:
+                raise Failure(f"the serve image answered no /health 200 within {SERVE_READY_S} s")
+            time.sleep(0.5)
+        source, output = infer_dir / "data" / PROJECT, infer_dir / "results" / PROJECT
+        for item in list_items(source):
+            answer = client.predict(item.image_path, {"name": "full_image"})
+            written = json.loads((output / item.dataset / "ann" / f"{item.name}.json").read_text())
+            added = [obj for obj in written["objects"] if obj["classTitle"].endswith(SUFFIX)]
+            expect(answer["objects"] == added,
+                   f"{item.name}: the server answered {len(answer['objects'])} objects, the inference image "
+                   f"added {len(added)}, or they differ")
+            compared += 1
+    finally:
+        stopped = docker.stop(name)
+    expect(stopped.returncode == 0, f"the serve image exited {stopped.returncode} after docker stop", stopped)
+    return compared
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--docker", default="docker", help="the Docker CLI (default: docker)")
     parser.add_argument("--train-image", required=True)
     parser.add_argument("--inference-image", required=True)
+    parser.add_argument("--serve-image", required=True)
     parser.add_argument("--work", type=Path, default=REPO / "build" / "image-test", help="scratch dir (emptied)")
     args = parser.parse_args(argv)
 
@@ -257,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"image-test [{time.monotonic() - started:5.0f} s] {text}", flush=True)
 
     try:
-        for image in (args.train_image, args.inference_image):
+        for image in (args.train_image, args.inference_image, args.serve_image):
             size = int(docker.inspect(image, "{{.Size}}"))
             step(f"{image}: {size / 1e9:.2f} GB")
         if work.exists():
@@ -292,6 +365,10 @@ def main(argv: list[str] | None = None) -> int:
         predicted = check_output_project(inferred, infer_dir)
         check_owned(infer_dir, user, "inference task dir")
         step(f"inference image ok: results/{PROJECT}/ loads, {predicted} `{SUFFIX}` objects")
+
+        step("serve image: the inference task dir's model/, each image of its project")
+        compared = check_server(docker, args.serve_image, infer_dir)
+        step(f"serve image ok: {compared} answers equal to the inference image's objects, docker stop exit 0")
 
         step("bad input: a broken config, no task dir mounted; extra arguments pass through")
         broken_dir = make_task_dir(work / "broken", BROKEN_CONFIG)
