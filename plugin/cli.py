@@ -1,4 +1,4 @@
-"""The `sly-unet` command: train, infer, evaluate, masks, augment-preview, demo. Each subcommand runs inside the agent's crash wrapper."""
+"""The `sly-unet` command: train, infer, evaluate, masks, export, augment-preview, demo. Each subcommand runs inside the agent's crash wrapper."""
 
 from __future__ import annotations
 
@@ -76,6 +76,13 @@ def _augment_preview(args: argparse.Namespace) -> None:
     log.info(f"wrote {len(written)} augmented samples to {args.out}", extra={"previews": len(written)})
 
 
+def _export(args: argparse.Namespace) -> None:
+    from plugin.inference.export import default_output, export_onnx
+
+    model_dir = Path(args.model)
+    export_onnx(model_dir, Path(args.out) if args.out else default_output(model_dir))
+
+
 def _demo(args: argparse.Namespace) -> None:
     from plugin.demo import run_demo
 
@@ -88,6 +95,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], None]]] = {
     "infer": ("UNET_V2_INFERENCE", _infer),
     "evaluate": ("UNET_V2_EVALUATE", _evaluate),
     "masks": ("UNET_V2_MASKS", _masks),
+    "export": ("UNET_V2_EXPORT", _export),
     "demo": ("UNET_V2_DEMO", _demo),
     "augment-preview": ("UNET_V2_AUGMENT_PREVIEW", _augment_preview),
 }
@@ -156,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task-dir", help="task directory (default: $SLY_TASK_DIR, else /sly_task_data)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--n", type=_positive_int, default=16, help="how many samples (default: 16)")
+
+    p = add("export", "write a trained model as ONNX (dynamic batch and size, softmax included) for onnxruntime")
+    p.add_argument("--model", required=True, help="model folder: config.json + model.pt (a task dir's model/ "
+                   "or a checkpoint in results/)")
+    p.add_argument("--out", help="the .onnx file to write (default: model.onnx in the model folder, where "
+                   "the inference backend onnxruntime reads it)")
 
     p = add("demo", "generate a synthetic task dir and train on it on the CPU")
     p.add_argument("--out", default="build/demo", help="where the demo task dir goes (default: build/demo)")
