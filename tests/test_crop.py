@@ -172,7 +172,8 @@ def test_validation_scores_what_inference_writes(crop_run, tmp_path):
 @pytest.mark.parametrize("factor", [1.0, 0.5])
 def test_every_mode_shows_a_crop_model_the_image_at_its_training_scale(factor):
     recorder = Recorder(build_model(2).eval())
-    predictor = Predictor(TorchNetwork(recorder), torch.device("cpu"), (64, 48), ["bg", "a"], [], (), Scale("crop", factor))
+    predictor = Predictor(TorchNetwork(recorder), torch.device("cpu"), (64, 48), ["bg", "a"], [], (),
+                          Scale("crop", factor))
     window = training_window((64, 48), factor)
     image = np.random.default_rng(0).integers(0, 256, (150, 170, 3), dtype=np.uint8)
     full = modes.full_image(predictor, image)

@@ -50,7 +50,7 @@ def exported(checkpoint, tmp_path_factory) -> tuple[Path, Run]:
     link_model(checkpoint, model_dir)
     proc = subprocess.run(
         [sys.executable, "-m", "plugin.cli", "export", "--model", str(model_dir), "--log-format", "json"],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
+        cwd=REPO, capture_output=True, text=True, timeout=600, check=False,
     )
     return model_dir, Run(proc.returncode, proc.stdout, proc.stderr)
 

@@ -66,8 +66,11 @@ def default_output(model_dir: Path) -> Path:
 
 
 def export_onnx(model_dir: Path, out: Path) -> Exported:
-    """Write the network of `model_dir` (config.json + model.pt) to `out` as ONNX, checked by running
-    it in onnxruntime against torch; TaskError naming the file at fault."""
+    """Write the network of `model_dir` (config.json + model.pt) to `out` (a file, or a folder to hold
+    model.onnx) as ONNX, checked by running it in onnxruntime against torch; TaskError naming the file
+    at fault."""
+    if out.is_dir():
+        out = out / ONNX_NAME
     weights = model_dir / WEIGHTS_NAME
     if not weights.is_file():
         raise TaskError("export needs the model's weights: a model folder of a train checkpoint holds "

@@ -4,6 +4,7 @@ export start here, so they agree on what the model is."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,11 @@ class ModelConfig:
     @property
     def num_classes(self) -> int:
         return len(self.class_titles)
+
+
+def class_color(out_classes: Sequence[dict], title: str) -> str:
+    """The colour config.json gives a class; red for one it leaves out (a legacy checkpoint may)."""
+    return next((c["color"] for c in out_classes if c.get("title") == title and "color" in c), "#FF0000")
 
 
 def read_model_config(model_dir: Path) -> ModelConfig:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from plugin.errors import TaskError
-from plugin.inference.model_dir import ModelConfig
+from plugin.inference.model_dir import ModelConfig, class_color
 from plugin.nn.model import SIZE_DIVISOR
 from plugin.nn.preprocess import IMAGENET_MEAN, IMAGENET_STD, PAD_COLOR
 
@@ -31,12 +31,11 @@ CHECKED_KEYS = ("classes", "input_size", "scale", "normalization")
 
 def model_metadata(config: ModelConfig) -> dict[str, str]:
     """metadata_props of the file exported from a model with `config`: JSON values by key."""
-    def color_of(title: str) -> str | None:
-        return next((c.get("color") for c in config.out_classes if c.get("title") == title), None)
-
+    classes = [{"index": i, "title": t, "color": class_color(config.out_classes, t)}
+               for i, t in enumerate(config.class_titles)]
     values: dict[str, Any] = {
         "sly_unet_metadata_version": METADATA_VERSION,
-        "classes": [{"index": i, "title": t, "color": color_of(t)} for i, t in enumerate(config.class_titles)],
+        "classes": classes,
         "input_size": {"width": config.input_size[0], "height": config.input_size[1]},
         "scale": {"mode": config.scale.mode, "factor": config.scale.factor},
         "normalization": {

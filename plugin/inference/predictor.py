@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from plugin.errors import TaskError
-from plugin.inference.model_dir import ONNX_NAME, load_model, read_model_config
+from plugin.inference.model_dir import ONNX_NAME, class_color, load_model, read_model_config
 from plugin.nn.devices import plan_devices
 from plugin.nn.precision import prepare_model, resolve_precision
 from plugin.nn.preprocess import normalize, read_resized
@@ -59,7 +59,7 @@ class Predictor:
         return training_window(self.input_size, self.scale.factor)
 
     def color_of(self, title: str) -> str:
-        return next((c["color"] for c in self.out_classes if c.get("title") == title), "#FF0000")
+        return class_color(self.out_classes, title)
 
     def probabilities(self, crops: Sequence[np.ndarray]) -> torch.Tensor:
         """Softmax probabilities (N, C, h, w) of same-sized RGB uint8 crops, each resized to the input
