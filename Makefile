@@ -28,6 +28,8 @@ demo: venv
 bench: venv
 	$(PY) -m benchmarks.run
 	$(PY) -m benchmarks.masks
+	$(PY) -m benchmarks.onnx
+	$(PY) -m benchmarks.serve --size 256 --input-size 64
 
 # The masks command against the Supervisely SDK (its venv: see benchmarks/masks.py) and the training
 # mask cache on 10,000 generated annotations.

@@ -112,12 +112,12 @@ def _timed_task(task: TaskDir) -> Timing:
 def _bare_forward(predictor: Predictor, inputs: torch.Tensor, batch: int) -> Timing:
     """The model's forward alone over `inputs` on its device, `batch` at a time, in the task's
     precision; the inputs are copied to the device beforehand."""
-    precision = predictor.precision
+    network = predictor.network
     on_device = inputs.to(predictor.device)
     start, cpu = time.perf_counter(), time.process_time()
     with torch.inference_mode():
         for i in range(0, len(on_device), batch):
-            precision.logits(predictor.model, on_device[i : i + batch])
+            network.precision.logits(network.model, on_device[i : i + batch])
     if predictor.device.type == "cuda":
         torch.cuda.synchronize(predictor.device)
     return Timing(time.perf_counter() - start, time.process_time() - cpu)
@@ -147,7 +147,7 @@ def _compare(name: str, task: TaskDir, inputs: torch.Tensor, batch: int, images:
           f"of which {whole.load:.1f} s config and model load), bare batched forward {images / bare.wall:.3f} "
           f"images/s ({bare.wall:.1f} s) -> whole / bare {ratio:.2f}x (target <= {TARGET_RATIO}x: {verdict}), "
           f"{(whole.wall - whole.load) / bare.wall:.2f}x without the model load; CPU time {cpu_ratio:.2f}x "
-          f"({predictor.device.type}, {predictor.precision.name}, best of {repeats})")
+          f"({predictor.device.type}, {predictor.network.precision.name}, best of {repeats})")
     print(f"  reproduce: {command}")
     return ratio
 

@@ -1,5 +1,5 @@
-"""The `sly-unet` command: train, infer, serve, predict, evaluate, masks, augment-preview, plot, demo. Each subcommand
-runs inside the agent's crash wrapper."""
+"""The `sly-unet` command: train, infer, serve, predict, export, evaluate, masks, augment-preview, plot, demo.
+Each subcommand runs inside the agent's crash wrapper."""
 
 from __future__ import annotations
 
@@ -40,8 +40,8 @@ def _serve(args: argparse.Namespace) -> None:
     from plugin.inference.serve import ServeOptions, serve
 
     serve(ServeOptions(
-        Path(args.model), args.host, args.port, args.device, args.amp, args.queue_size, args.max_request_bytes,
-        args.max_image_pixels, args.drain_seconds,
+        Path(args.model), args.host, args.port, args.device, args.amp, args.backend, args.queue_size,
+        args.max_request_bytes, args.max_image_pixels, args.drain_seconds,
     ))
 
 
@@ -112,6 +112,13 @@ def _plot(args: argparse.Namespace) -> None:
              extra={"out": args.out, "validations": validations})
 
 
+def _export(args: argparse.Namespace) -> None:
+    from plugin.inference.export import default_output, export_onnx
+
+    model_dir = Path(args.model)
+    export_onnx(model_dir, Path(args.out) if args.out else default_output(model_dir))
+
+
 def _demo(args: argparse.Namespace) -> None:
     from plugin.demo import run_demo
 
@@ -126,6 +133,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], None]]] = {
     "predict": ("UNET_V2_PREDICT", _predict),
     "evaluate": ("UNET_V2_EVALUATE", _evaluate),
     "masks": ("UNET_V2_MASKS", _masks),
+    "export": ("UNET_V2_EXPORT", _export),
     "demo": ("UNET_V2_DEMO", _demo),
     "augment-preview": ("UNET_V2_AUGMENT_PREVIEW", _augment_preview),
     "plot": ("UNET_V2_PLOT", _plot),
@@ -180,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", type=int, default=0, help="CUDA device index (default: 0); the CPU without CUDA")
     p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
                    help="precision of the forward, as model.amp of the inference config (default: auto)")
+    p.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
+                   help="run model.pt with torch, or model.onnx (from `sly-unet export`) with onnxruntime "
+                   "(default: torch)")
     p.add_argument("--queue-size", type=_positive_int, default=16,
                    help="requests that may wait for the model; more get 503 with Retry-After (default: 16)")
     p.add_argument("--max-request-bytes", type=_positive_int, default=64 * 2**20,
@@ -224,6 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("plot", "draw the training curves (loss, val IoU, learning rate) of a train log as a PNG")
     p.add_argument("--log", required=True, help="tmp/train_log.jsonl, or an agent log of a legacy UNet v2 training")
     p.add_argument("--out", required=True, help="the PNG to write")
+
+    p = add("export", "write a trained model as ONNX (dynamic batch and size, softmax included) for onnxruntime")
+    p.add_argument("--model", required=True, help="model folder: config.json + model.pt (a task dir's model/ "
+                   "or a checkpoint in results/)")
+    p.add_argument("--out", help="the .onnx file to write (default: model.onnx in the model folder, where "
+                   "the inference backend onnxruntime reads it)")
 
     p = add("demo", "generate a synthetic task dir and train on it on the CPU")
     p.add_argument("--out", default="build/demo", help="where the demo task dir goes (default: build/demo)")

@@ -113,7 +113,7 @@ _MODE_DEFAULTS: dict[str, dict] = {
         "batch_size": 8,
     },
 }
-_MODEL_DEFAULTS: dict = {"gpu_device": 0, "amp": "auto"}
+_MODEL_DEFAULTS: dict = {"gpu_device": 0, "amp": "auto", "backend": "torch"}
 _SIDE = re.compile(r"(-?[0-9]+)(%|px)")
 
 
@@ -247,13 +247,17 @@ def _rename_legacy_key(section: object, old: str, new: str, where: str, errors: 
 
 
 def _inference_semantic_errors(config: dict) -> list[str]:
+    errors = []
+    model = config.get("model")
+    if isinstance(model, dict) and model.get("backend") == "onnxruntime" and model.get("amp") in ("bf16", "fp16"):
+        errors.append(f"model.amp: {model['amp']!r} is a torch autocast; backend onnxruntime runs the exported "
+                      "float32 graph, so leave amp at auto (or off) or use backend torch")
     mode = config.get("mode")
     if not isinstance(mode, dict) or mode.get("name") != "sliding_window":
-        return []
+        return errors
     window, overlap = mode.get("window"), mode.get("min_overlap")
     if not isinstance(window, dict) or not isinstance(overlap, dict):
-        return []
-    errors = []
+        return errors
     for axis, size in (("x", "width"), ("y", "height")):
         # Only against a valid window size: a bad one is already reported by the schema.
         if _is_number(overlap.get(axis)) and _is_number(window.get(size)) and 1 <= window[size] <= overlap[axis]:

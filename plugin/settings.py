@@ -202,10 +202,15 @@ class Mode:
     batch_size: int = 1  # full_image: images per forward; sliding_window: windows per forward
 
 
+# What runs the network in inference: model.pt in torch, or the exported model.onnx in onnxruntime.
+BACKENDS = ("torch", "onnxruntime")
+
+
 @dataclass(frozen=True)
 class InferenceConfig:
     gpu_device: int
     amp: str  # "auto", "bf16", "fp16" or "off" (nn/precision.py)
+    backend: str  # one of BACKENDS
     mode: Mode
     allow_corrupted_images: int
     max_image_pixels: int
@@ -217,6 +222,7 @@ class InferenceConfig:
         return cls(
             gpu_device=config["model"]["gpu_device"],
             amp=config["model"]["amp"],
+            backend=config["model"]["backend"],
             mode=Mode(
                 name=mode["name"],
                 save_classes=_names(mode["model_classes"]["save_classes"]),

@@ -24,7 +24,7 @@ from plugin.inference import modes
 from plugin.inference.predictor import Predictor
 from plugin.inference.task import batching
 from plugin.nn.model import build_model
-from plugin.nn.tiling import network_inputs
+from plugin.nn.tiling import TorchNetwork, network_inputs
 from plugin.settings import MATCH_ALL, Mode
 from plugin.synthetic import make_project, natural_image
 from plugin.task_dir import TaskDir
@@ -61,7 +61,7 @@ def test_inference_feeds_the_network_the_training_tensor(tmp_path):
     size = (64, 48)  # (width, height): a non-square input also checks the axis order of the resize
     dataset = _val_dataset(project, size)
     recorder = Recorder(build_model(4).eval())
-    predictor = Predictor(recorder, torch.device("cpu"), size, ["bg", "blob", "box", "ring"], [])
+    predictor = Predictor(TorchNetwork(recorder), torch.device("cpu"), size, ["bg", "blob", "box", "ring"], [])
     for index, item in enumerate(dataset.items):
         modes.full_image(predictor, read_image(item.image_path))
         training_tensor, _ = dataset[index]
@@ -80,7 +80,7 @@ def test_the_network_sees_rgb_normalised_with_imagenet_statistics(tmp_path, path
         tensor = _val_dataset(project, (32, 32))[0][0]
     else:
         recorder = Recorder(build_model(4).eval())
-        predictor = Predictor(recorder, torch.device("cpu"), (32, 32), ["bg", "blob", "box", "ring"], [])
+        predictor = Predictor(TorchNetwork(recorder), torch.device("cpu"), (32, 32), ["bg", "blob", "box", "ring"], [])
         modes.full_image(predictor, read_image(item.image_path))
         tensor = recorder.inputs[-1][0]
     expected = torch.tensor(RED_TENSOR).view(3, 1, 1).expand(3, 32, 32)
@@ -121,7 +121,7 @@ def test_whole_image_inference_decodes_a_large_jpeg_as_training_did(tmp_path):
         json.dumps({"size": {"height": 768, "width": 1024}, "tags": [], "objects": []}))
     size = (64, 48)
     training_tensor, _ = _val_dataset(project, size)[0]
-    predictor = Predictor(build_model(2).eval(), torch.device("cpu"), size, ["bg", "a"], [])
+    predictor = Predictor(TorchNetwork(build_model(2).eval()), torch.device("cpu"), size, ["bg", "a"], [])
     _, prepare = batching(Mode("full_image", MATCH_ALL, "_unet", False, (), batch_size=4), predictor)
     assert torch.equal(prepare(photo), training_tensor)
     # The reduced decode is what makes them equal: a full decode resized differs.

@@ -23,7 +23,7 @@ from plugin.inference.task import infer_task
 from plugin.jsonfile import read_json, write_json
 from plugin.nn.model import build_model
 from plugin.nn.preprocess import PAD_COLOR, normalize, resize_image
-from plugin.nn.tiling import training_window
+from plugin.nn.tiling import TorchNetwork, training_window
 from plugin.settings import Scale
 from plugin.task_dir import TaskDir
 from plugin.training.crops import crop_origin, cut
@@ -172,7 +172,8 @@ def test_validation_scores_what_inference_writes(crop_run, tmp_path):
 @pytest.mark.parametrize("factor", [1.0, 0.5])
 def test_every_mode_shows_a_crop_model_the_image_at_its_training_scale(factor):
     recorder = Recorder(build_model(2).eval())
-    predictor = Predictor(recorder, torch.device("cpu"), (64, 48), ["bg", "a"], [], (), Scale("crop", factor))
+    predictor = Predictor(TorchNetwork(recorder), torch.device("cpu"), (64, 48), ["bg", "a"], [], (),
+                          Scale("crop", factor))
     window = training_window((64, 48), factor)
     image = np.random.default_rng(0).integers(0, 256, (150, 170, 3), dtype=np.uint8)
     full = modes.full_image(predictor, image)
@@ -187,7 +188,8 @@ def test_every_mode_shows_a_crop_model_the_image_at_its_training_scale(factor):
 
 
 def test_a_window_at_another_scale_is_warned_about_once(caplog):
-    predictor = Predictor(build_model(2).eval(), torch.device("cpu"), (64, 64), ["bg", "a"], [], (), Scale("crop", 0.5))
+    predictor = Predictor(TorchNetwork(build_model(2).eval()), torch.device("cpu"), (64, 64), ["bg", "a"], [], (),
+                          Scale("crop", 0.5))
     with caplog.at_level(logging.WARNING):
         assert modes.window_plan(predictor, (None, None), (None, None)) == ((128, 128), (64, 64))
         assert not caplog.records
@@ -206,14 +208,14 @@ def test_a_checkpoint_without_a_scale_record_is_a_resize_model(crop_run, tmp_pat
     (legacy / "model.pt").write_bytes((summary.best_checkpoint / "model.pt").read_bytes())
     predictor = load_predictor(legacy, 0)
     assert predictor.scale == Scale("resize", 1.0)
-    recorder = Recorder(predictor.model)
+    recorder = Recorder(predictor.network.model)
     image = np.random.default_rng(1).integers(0, 256, (150, 170, 3), dtype=np.uint8)
-    modes.full_image(Predictor(recorder, predictor.device, (64, 64), predictor.class_titles, []), image)
+    modes.full_image(Predictor(TorchNetwork(recorder), predictor.device, (64, 64), predictor.class_titles, []), image)
     [batch] = recorder.inputs
     assert torch.equal(batch[0], normalize(resize_image(image, 64, 64)))  # the whole image, resized
 
 
 def test_a_legacy_model_keeps_the_legacy_window():
-    predictor = Predictor(build_model(2).eval(), torch.device("cpu"), (64, 64), ["bg", "a"], [])
+    predictor = Predictor(TorchNetwork(build_model(2).eval()), torch.device("cpu"), (64, 64), ["bg", "a"], [])
     assert predictor.scale == Scale("resize", 1.0)
     assert modes.window_plan(predictor, (None, None), (None, None)) == ((128, 128), (64, 64))

@@ -97,7 +97,7 @@ def test_batched_full_image_writes_what_per_image_prediction_does(tmp_path, mode
 def test_bf16_autocast_predicts_close_to_float32(model_dir):
     plain = load_predictor(model_dir, 0, amp="off")
     bf16 = load_predictor(model_dir, 0, amp="bf16")
-    assert plain.precision.dtype is None and bf16.precision.dtype == torch.bfloat16
+    assert plain.network.precision.dtype is None and bf16.network.precision.dtype == torch.bfloat16
     image = np.random.default_rng(0).integers(0, 256, (96, 80, 3), dtype=np.uint8)
     image[:40, :30] = (200, 40, 40)
     reference, autocast = (modes.full_image(p, image) for p in (plain, bf16))

@@ -26,14 +26,14 @@ ZERO_SIDES = {"left": "0px", "top": "0px", "right": "0px", "bottom": "0px"}
 LEGACY_MODEL = Predictor(None, None, (256, 256), ["bg", "a"], [])
 
 FULL_IMAGE = {
-    "model": {"gpu_device": 0, "amp": "auto"},
+    "model": {"gpu_device": 0, "amp": "auto", "backend": "torch"},
     "mode": {"name": "full_image", "model_classes": UNET_CLASSES, "model_tags": UNET_TAGS, "save_probabilities": False,
              "tta": False, "batch_size": 8},
     "allow_corrupted_images": 0,
     "max_image_pixels": 2**28,
 }
 ROI = {
-    "model": {"gpu_device": 0, "amp": "auto"},
+    "model": {"gpu_device": 0, "amp": "auto", "backend": "torch"},
     "mode": {
         "name": "roi", "model_classes": UNET_CLASSES, "model_tags": UNET_TAGS, "save_probabilities": False, "tta": False,
         "bounds": ZERO_SIDES, "save": False, "class_name": "inference_roi",
@@ -42,7 +42,7 @@ ROI = {
     "max_image_pixels": 2**28,
 }
 BBOXES = {
-    "model": {"gpu_device": 0, "amp": "auto"},
+    "model": {"gpu_device": 0, "amp": "auto", "backend": "torch"},
     "mode": {
         "name": "bboxes", "model_classes": UNET_CLASSES, "model_tags": UNET_TAGS, "save_probabilities": False, "tta": False,
         "from_classes": "__all__", "padding": ZERO_SIDES, "save": False, "add_suffix": "_input_bbox",
@@ -51,7 +51,7 @@ BBOXES = {
     "max_image_pixels": 2**28,
 }
 SLIDING_WINDOW = {
-    "model": {"gpu_device": 0, "amp": "auto"},
+    "model": {"gpu_device": 0, "amp": "auto", "backend": "torch"},
     "mode": {
         "name": "sliding_window", "model_classes": UNET_CLASSES, "model_tags": UNET_TAGS,
         "save_probabilities": False, "tta": False, "window": {"width": None, "height": None},
@@ -66,7 +66,7 @@ DEFAULTS = {"full_image": FULL_IMAGE, "roi": ROI, "bboxes": BBOXES, "sliding_win
 # The legacy plugin's inference presets, one per mode, as the platform sends them.
 PRESET_FULL_IMAGE = {"model": {"gpu_device": 0}, "mode": {"name": "full_image", "model_classes": UNET_CLASSES}}
 PRESET_ROI = {
-    "model": {"gpu_device": 0, "amp": "auto"},
+    "model": {"gpu_device": 0, "amp": "auto", "backend": "torch"},
     "mode": {
         "name": "roi",
         "bounds": {"left": "10%", "top": "30%", "right": "10%", "bottom": "10%"},
@@ -76,7 +76,7 @@ PRESET_ROI = {
     },
 }
 PRESET_BBOXES = {
-    "model": {"gpu_device": 0, "amp": "auto"},
+    "model": {"gpu_device": 0, "amp": "auto", "backend": "torch"},
     "mode": {
         "name": "bboxes",
         "from_classes": "__all__",
@@ -87,7 +87,7 @@ PRESET_BBOXES = {
     },
 }
 PRESET_SLIDING_WINDOW = {
-    "model": {"gpu_device": 0, "amp": "auto"},
+    "model": {"gpu_device": 0, "amp": "auto", "backend": "torch"},
     "mode": {
         "name": "sliding_window",
         "window": {"width": 128, "height": 128},
@@ -141,7 +141,7 @@ def test_user_values_merge_into_the_mode_defaults_key_by_key(tmp_path):
         "max_image_pixels": 10**6,
     }
     assert load(tmp_path, user) == {
-        "model": {"gpu_device": 2, "amp": "auto"},
+        "model": {"gpu_device": 2, "amp": "auto", "backend": "torch"},
         "mode": {
             "name": "sliding_window", "model_classes": {"save_classes": ["kiwi"], "add_suffix": "_unet"},
             "model_tags": {"save_names": "__all__", "add_suffix": "_t"}, "save_probabilities": True, "tta": False,
@@ -226,7 +226,7 @@ def test_v1_layout_is_converted(tmp_path):
         "max_image_pixels": 2**20,  # ours, not a model key: it stays at the top
     }
     assert load(tmp_path, v1) == {
-        "model": {"gpu_device": 1, "amp": "auto"},
+        "model": {"gpu_device": 1, "amp": "auto", "backend": "torch"},
         "mode": {
             "name": "bboxes", "model_classes": {"save_classes": ["kiwi"], "add_suffix": "_unet"},
             "model_tags": UNET_TAGS, "save_probabilities": False, "tta": False, "from_classes": ["kiwi", "lemon"],
@@ -241,13 +241,13 @@ def test_v1_layout_is_converted(tmp_path):
 def test_v1_layout_keeps_model_classes_given_in_mode(tmp_path):
     v1 = {"mode": {"source": "roi", "model_classes": {"add_suffix": "_x"}}, "gpu_device": 0}
     config = load(tmp_path, v1)
-    assert config["model"] == {"gpu_device": 0, "amp": "auto"}
+    assert config["model"] == {"gpu_device": 0, "amp": "auto", "backend": "torch"}
     assert config["mode"]["name"] == "roi"
     assert config["mode"]["model_classes"] == {"save_classes": "__all__", "add_suffix": "_x"}
 
 
 def test_v1_layout_without_mode_is_full_image(tmp_path):
-    assert load(tmp_path, {"gpu_device": 3}) == {**FULL_IMAGE, "model": {"gpu_device": 3, "amp": "auto"}}
+    assert load(tmp_path, {"gpu_device": 3}) == {**FULL_IMAGE, "model": {"gpu_device": 3, "amp": "auto", "backend": "torch"}}
 
 
 def test_save_names_is_read_as_save_classes(tmp_path):

@@ -24,7 +24,7 @@ def predictor() -> Predictor:
     torch.manual_seed(0)
     model = build_model(3).eval()
     out_classes = [{"title": t, "shape": "bitmap", "color": "#112233"} for t in ("bg", "a", "b")]
-    return Predictor(model, torch.device("cpu"), (64, 48), ["bg", "a", "b"], out_classes)
+    return Predictor(tiling.TorchNetwork(model), torch.device("cpu"), (64, 48), ["bg", "a", "b"], out_classes)
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def confident_predictor() -> Predictor:
         for name, param in model.named_parameters():
             if "last_conv" in name:
                 param.mul_(20)
-    return Predictor(model, torch.device("cpu"), (64, 48), ["bg", "a", "b"], [])
+    return Predictor(tiling.TorchNetwork(model), torch.device("cpu"), (64, 48), ["bg", "a", "b"], [])
 
 
 def smooth(height: int, width: int) -> np.ndarray:

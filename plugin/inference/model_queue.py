@@ -95,6 +95,7 @@ def model_info(predictor: Predictor) -> dict:
         ],
         "input_size": {"width": predictor.input_size[0], "height": predictor.input_size[1]},
         "scale": {"mode": predictor.scale.mode, "factor": predictor.scale.factor},
+        "network": predictor.network.name,
         "modes": mode_defaults(),
     }
 

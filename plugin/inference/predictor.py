@@ -1,4 +1,8 @@
-"""A trained model ready to predict: model/ (config.json + model.pt) -> RGB crops in, class probabilities out."""
+"""A trained model ready to predict: a model folder -> RGB crops in, class probabilities out.
+
+The network is torch's (model.pt) or onnxruntime's (model.onnx, `sly-unet export`); everything else
+(resizing, tiling, TTA, sizes back) is the same code for both.
+"""
 
 from __future__ import annotations
 
@@ -9,16 +13,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from plugin.errors import TaskError
-from plugin.format.classes import titles_by_index
-from plugin.jsonfile import read_json
+from plugin.inference.model_dir import ONNX_NAME, class_color, load_model, read_model_config
 from plugin.nn.devices import plan_devices
-from plugin.nn.model import build_model
-from plugin.nn.precision import FLOAT32, Precision, prepare_model, resolve_precision
+from plugin.nn.precision import prepare_model, resolve_precision
 from plugin.nn.preprocess import normalize, read_resized
 from plugin.nn.tiling import (
+    Network,
+    TorchNetwork,
     crop_probabilities,
     network_inputs,
     network_probabilities,
@@ -26,8 +29,7 @@ from plugin.nn.tiling import (
     resize_probabilities,
     training_window,
 )
-from plugin.settings import RESIZE, Scale
-from plugin.nn.weights import CONFIG_NAME, WEIGHTS_NAME, load_continue, load_state_dict
+from plugin.settings import BACKENDS, RESIZE, Scale
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +39,15 @@ REGION_BATCH = 4
 
 @dataclass
 class Predictor:
-    """The model in eval mode on its device, with what its checkpoint says about classes, input size and scale."""
+    """The network on its device, with what its checkpoint says about classes, input size and scale."""
 
-    model: nn.Module
-    device: torch.device
+    network: Network  # normalised batch -> probabilities (TorchNetwork or onnx_model.OnnxNetwork)
+    device: torch.device  # where the network takes its batches and tiles are blended
     input_size: tuple[int, int]  # (width, height) the model was trained at
     class_titles: list[str]  # by model index
     out_classes: list[dict]  # {"title", "shape", "color", ...} as config.json lists them
     tta: tuple[str, ...] = ()  # FLIPS names whose flipped-back predictions are averaged in; () = one pass
     scale: Scale = RESIZE  # how training presented images; legacy checkpoints: resize
-    precision: Precision = FLOAT32  # the forward's autocast and layout
 
     @property
     def num_classes(self) -> int:
@@ -58,13 +59,13 @@ class Predictor:
         return training_window(self.input_size, self.scale.factor)
 
     def color_of(self, title: str) -> str:
-        return next((c["color"] for c in self.out_classes if c.get("title") == title), "#FF0000")
+        return class_color(self.out_classes, title)
 
     def probabilities(self, crops: Sequence[np.ndarray]) -> torch.Tensor:
         """Softmax probabilities (N, C, h, w) of same-sized RGB uint8 crops, each resized to the input
         size and back, on the model's device; with `tta`, averaged over the flips."""
         with torch.inference_mode():
-            return crop_probabilities(self.model, crops, self.input_size, self.device, self.tta, self.precision)
+            return crop_probabilities(self.network, crops, self.input_size, self.device, self.tta)
 
     def region(self, image: np.ndarray) -> torch.Tensor:
         """Probabilities (C, H, W) of a whole image or box at the training scale (see `regions`)."""
@@ -102,67 +103,38 @@ class Predictor:
         with torch.inference_mode():
             batch = (network_inputs(images, self.input_size) if inputs is None else torch.stack(list(inputs)))
             batch = batch.to(self.device)
-            probs = network_probabilities(self.model, batch, self.tta, self.precision)
+            probs = network_probabilities(self.network, batch, self.tta)
             # One image at a time: an image's output does not depend on what it was batched with.
             sizes = [image.shape[:2] for image in images] if sizes is None else sizes
             return [resize_probabilities(p[None], size)[0] for p, size in zip(probs, sizes)]
 
 
-def load_predictor(model_dir: Path, gpu_device: int, tta: tuple[str, ...] = (), amp: str = "auto") -> Predictor:
-    """The model in model/, checked against its config.json, on its device in the `amp` precision
-    (model.amp of the inference config); TaskError naming the file or key at fault."""
-    config_path, weights_path = model_dir / CONFIG_NAME, model_dir / WEIGHTS_NAME
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise TaskError(
-                "the model is missing: inference needs model/config.json and model/model.pt from a train checkpoint",
-                where=path,
-            )
-    config = read_json(config_path)
-    mapping = config.get("class_title_to_idx")
-    if not isinstance(mapping, dict) or not mapping or not all(isinstance(i, int) for i in mapping.values()):
-        raise TaskError("class_title_to_idx is missing or is not a mapping of class titles to indices", where=config_path)
-    try:
-        size = config["settings"]["input_size"]
-        input_size = (int(size["width"]), int(size["height"]))
-    except (KeyError, TypeError, ValueError):
-        raise TaskError("settings.input_size {width, height} is missing", where=config_path) from None
+def load_predictor(
+    model_dir: Path, gpu_device: int, tta: tuple[str, ...] = (), amp: str = "auto", backend: str = "torch"
+) -> Predictor:
+    """The model in model_dir, checked against its config.json: backend "torch" runs model.pt on its
+    device in the `amp` precision (model.amp of the inference config), "onnxruntime" runs the exported
+    model.onnx in float32. TaskError naming the file or key at fault."""
+    if backend not in BACKENDS:
+        raise TaskError(f"{backend!r} is not one of {', '.join(BACKENDS)}", where="model.backend")
+    config = read_model_config(model_dir)
+    if backend == "onnxruntime":
+        # Imported here: onnxruntime is an optional extra that torch inference does without.
+        from plugin.inference.onnx_model import load_onnx_network
 
-    scale = read_scale(config, config_path)
-    num_classes = max(mapping.values()) + 1
-    state = load_state_dict(weights_path)
-    head = next((t for k, t in state.items() if k.endswith("last_conv.weight")), None)
-    if head is not None and head.shape[0] != num_classes:
-        raise TaskError(
-            f"config.json maps {num_classes} classes ({', '.join(sorted(mapping))}) but model.pt predicts "
-            f"{head.shape[0]}: the two files come from different models",
-            where=model_dir,
-        )
-    model = build_model(num_classes)
-    load_continue(model, state, where=weights_path)
-    device = plan_devices([gpu_device]).device
-    precision = resolve_precision(amp, device, where="model.amp")
-    model = prepare_model(model.to(device).eval(), precision)
+        network: Network = load_onnx_network(model_dir / ONNX_NAME, config, gpu_device)
+        # Its outputs come back to host memory whatever the provider: tiles are blended there.
+        device = torch.device("cpu")
+    else:
+        device = plan_devices([gpu_device]).device
+        precision = resolve_precision(amp, device, where="model.amp")
+        network = TorchNetwork(prepare_model(load_model(model_dir, config).to(device), precision), precision)
 
-    titles = titles_by_index(mapping)
+    titles = list(config.class_titles)
     log.info(
-        f"model loaded: {num_classes} classes ({', '.join(titles)}), input {input_size[0]}x{input_size[1]}, "
-        f"trained on {scale.describe()}; predicting in {precision.name}",
-        extra={"classes": titles, "scale": {"mode": scale.mode, "factor": scale.factor}, "precision": precision.name},
+        f"model loaded: {config.num_classes} classes ({', '.join(titles)}), input {config.input_size[0]}x"
+        f"{config.input_size[1]}, trained on {config.scale.describe()}; predicting with {network.name}",
+        extra={"classes": titles, "scale": {"mode": config.scale.mode, "factor": config.scale.factor},
+               "backend": backend, "network": network.name},
     )
-    out_classes = list(config.get("out_classes") or [])
-    return Predictor(model, device, input_size, titles, out_classes, tta, scale, precision)
-
-
-def read_scale(config: dict, where: Path) -> Scale:
-    """settings.scale of a checkpoint's config.json; a checkpoint without one (legacy) was trained on resized images."""
-    record = config["settings"].get("scale")
-    if record is None:
-        return RESIZE
-    try:
-        scale = Scale(str(record["mode"]), float(record["factor"]))
-    except (KeyError, TypeError, ValueError):
-        raise TaskError("settings.scale must be {\"mode\": \"resize\" or \"crop\", \"factor\": number}", where=where) from None
-    if scale.mode not in ("resize", "crop") or not scale.factor > 0:
-        raise TaskError(f"settings.scale {record!r}: mode must be resize or crop and factor above 0", where=where)
-    return scale
+    return Predictor(network, device, config.input_size, titles, list(config.out_classes), tta, config.scale)

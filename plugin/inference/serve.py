@@ -45,6 +45,7 @@ class ServeOptions:
     port: int = 8000  # 0: any free port (logged)
     device: int = 0  # CUDA device index; the CPU where there is no CUDA
     amp: str = "auto"
+    backend: str = "torch"  # or "onnxruntime": model.onnx (sly-unet export) instead of model.pt
     # Requests waiting for the model, beside the batch it is running; each holds its decoded image.
     queue_size: int = 16
     max_request_bytes: int = 64 * 2**20
@@ -87,7 +88,7 @@ def serve(options: ServeOptions) -> None:
             from plugin.inference.model_queue import ModelQueue
             from plugin.inference.predictor import load_predictor
 
-            predictor = load_predictor(options.model_dir, options.device, (), options.amp)
+            predictor = load_predictor(options.model_dir, options.device, (), options.amp, options.backend)
             model.queue = ModelQueue(predictor, options.queue_size)
             log.info("ready: answering POST /model/inference", extra={"port": port})
         except Exception as exc:  # noqa: BLE001 - re-raised in the main thread, which logs the crash line

@@ -55,7 +55,7 @@ def infer_task(task: TaskDir) -> InferSummary:
     for path in (staging, output):
         refuse_symlink(path)
     mode = config.mode
-    predictor = load_predictor(task.model_dir, config.gpu_device, mode.tta, config.amp)
+    predictor = load_predictor(task.model_dir, config.gpu_device, mode.tta, config.amp, config.backend)
     if mode.name == "sliding_window":
         # Resolved once, so that a window at the wrong scale is warned about once, not per image.
         window, overlap = modes.window_plan(predictor, mode.window, mode.min_overlap)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -35,23 +36,41 @@ FLIPS: dict[str, tuple[int, ...]] = {"horizontal": (3,), "vertical": (2,), "both
 # (top, left) of each window, in the padded image
 Positions = list[tuple[int, int]]
 
+# What predicts: a normalised float32 batch (N, 3, h, w) -> softmax probabilities (N, C, h, w), float32,
+# on the batch's device. A torch model (TorchNetwork) or an exported ONNX file (inference.onnx_model):
+# everything around the forward (resizing, tiling, TTA) is the same code for both.
+Network = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TorchNetwork:
+    """A torch model as a Network: the forward in `precision`, the softmax in float32."""
+
+    model: nn.Module
+    precision: Precision = FLOAT32
+
+    @property
+    def name(self) -> str:
+        return f"torch, {self.precision.name}"
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.precision.logits(self.model, batch), dim=1)
+
 
 def crop_probabilities(
-    model: nn.Module,
+    network: Network,
     crops: Sequence[np.ndarray],
     input_size: tuple[int, int],
     device: torch.device,
     flips: Sequence[str] = (),
-    precision: Precision = FLOAT32,
 ) -> torch.Tensor:
     """Softmax probabilities (N, C, h, w) of same-sized RGB uint8 crops (h, w), on `device`.
 
     Each crop is resized to input_size (width, height) as in training and the output resized back
     (bilinear, which keeps probabilities in [0, 1] and summing to 1). With `flips` (FLIPS names), the
-    mean over the plain pass and each flip, flipped back. `precision` sets the forward's autocast and
-    layout. The caller picks no_grad or inference_mode.
+    mean over the plain pass and each flip, flipped back. The caller picks no_grad or inference_mode.
     """
-    probs = network_probabilities(model, network_inputs(crops, input_size).to(device), flips, precision)
+    probs = network_probabilities(network, network_inputs(crops, input_size).to(device), flips)
     return resize_probabilities(probs, crops[0].shape[:2])
 
 
@@ -62,18 +81,13 @@ def network_inputs(crops: Sequence[np.ndarray], input_size: tuple[int, int]) -> 
     return torch.stack([normalize(resize_image(crop, width, height)) for crop in crops])
 
 
-def network_probabilities(
-    model: nn.Module, batch: torch.Tensor, flips: Sequence[str] = (), precision: Precision = FLOAT32
-) -> torch.Tensor:
-    """Softmax probabilities (N, C, h, w) of a batch of network inputs, averaged over `flips`.
-
-    Only the forward runs under the precision's autocast: the softmax and the average are float32.
-    """
-    probs = torch.softmax(precision.logits(model, batch), dim=1)
+def network_probabilities(network: Network, batch: torch.Tensor, flips: Sequence[str] = ()) -> torch.Tensor:
+    """Softmax probabilities (N, C, h, w) of a batch of network inputs, averaged over `flips` (float32)."""
+    probs = network(batch)
     # One pass per flip rather than one 4x batch: the caller's batch size bounds the memory.
     for name in flips:
         dims = FLIPS[name]
-        probs += torch.softmax(precision.logits(model, batch.flip(dims)), dim=1).flip(dims)
+        probs += network(batch.flip(dims)).flip(dims)
     probs /= 1 + len(flips)
     return probs
 

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from plugin.format.classes import NEUTRAL_INDEX, ClassMapping
 from plugin.nn.metrics import confusion_matrix, summarize
 from plugin.nn.precision import Precision
-from plugin.nn.tiling import crop_probabilities, predict_tiled, training_window
+from plugin.nn.tiling import TorchNetwork, crop_probabilities, predict_tiled, training_window
 from plugin.settings import TrainConfig
 from plugin.training import distributed
 
@@ -79,9 +79,10 @@ def _tiled_logits(net: nn.Module, config: TrainConfig, num_classes: int, device:
     prediction that inference makes for a crop-trained model (Predictor.region, without TTA)."""
     window = training_window(config.input_size, config.scale.factor)
     overlap = (window[0] // 2, window[1] // 2)
+    network = TorchNetwork(net, precision)
 
     def tiles_probs(tiles: list) -> torch.Tensor:
-        return crop_probabilities(net, tiles, config.input_size, device, precision=precision)
+        return crop_probabilities(network, tiles, config.input_size, device)
 
     def predict(images: torch.Tensor) -> torch.Tensor:
         image = images[0].numpy()
