@@ -209,7 +209,9 @@ def test_two_processes_log_and_save_what_one_process_does(runs):
     for name in ("one", "two"):
         assert sorted(p.name for p in (base / name / "results").iterdir()) == ["00000000"]
         assert sorted(p.name for p in (base / name / "results" / "00000000").iterdir()) == ["config.json", "model.pt"]
-        assert sorted(p.name for p in (base / name / "tmp").iterdir()) == ["checkpoints", "mask_cache", "train_log.jsonl"]
+        # One progress.png whatever the world size (rank 0 draws it), and no temporary file beside it.
+        assert sorted(p.name for p in (base / name / "tmp").iterdir()) == [
+            "checkpoints", "mask_cache", "progress.png", "train_log.jsonl"]
     w1 = torch.load(base / "one" / "results" / "00000000" / "model.pt", weights_only=True)
     w2 = torch.load(base / "two" / "results" / "00000000" / "model.pt", weights_only=True)
     assert w1.keys() == w2.keys() and all(w1[k].shape == w2[k].shape for k in w1)

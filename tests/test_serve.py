@@ -252,14 +252,24 @@ def test_sigterm_lets_the_request_in_flight_finish_and_exits_0(small_server, exp
     assert not [line for line in small_server.lines if line.get("level") in ("error", "fatal")]
 
 
-def test_a_model_dir_without_model_pt_crashes(tmp_path, checkpoint):
+@pytest.mark.parametrize("weights, said", [
+    (None, "model.pt"),
+    # A whole pickled module, as some legacy scripts saved models: refused unread, never unpickled.
+    ("module", "not a plain state dict"),
+])
+def test_a_model_dir_without_usable_weights_crashes_at_start_up(tmp_path, checkpoint, weights, said):
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_bytes((checkpoint / "config.json").read_bytes())
+    if weights == "module":
+        import torch
+
+        torch.save(torch.nn.Conv2d(3, 2, 1), tmp_path / "model" / "model.pt")
     server = start_server(tmp_path / "model")
     assert server.proc.wait(timeout=120) == 1
     time.sleep(0.2)  # the drain thread's last lines
     crash = [line for line in server.lines if line.get("event_type") == "EventType.TASK_CRASHED"]
-    assert len(crash) == 1 and crash[0]["main_name"] == "UNET_V2_SERVICE" and "model.pt" in crash[0]["message"]
+    assert len(crash) == 1 and crash[0]["main_name"] == "UNET_V2_SERVICE" and said in crash[0]["message"]
+    assert "model.pt" in crash[0]["message"]
     assert not any("ready" in line.get("message", "") for line in server.lines)
 
 
