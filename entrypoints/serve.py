@@ -1,7 +1,7 @@
 """The model server's container command: `python -m entrypoints.serve [--model DIR] [--port N] [...]`.
 
-The legacy REST server's defaults: the model in /sly_task_data/model, listening on every address (a
-container's port is published from outside it).
+The legacy REST server's defaults: the model in /sly_task_data/model (sly-unet serve's default too),
+listening on every address (a container's port is published from outside it).
 """
 
 import sys
@@ -9,4 +9,4 @@ import sys
 from plugin.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["serve", "--model", "/sly_task_data/model", "--host", "0.0.0.0", *sys.argv[1:]]))
+    sys.exit(main(["serve", "--host", "0.0.0.0", *sys.argv[1:]]))

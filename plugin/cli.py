@@ -37,10 +37,15 @@ def _infer(args: argparse.Namespace) -> None:
 
 
 def _serve(args: argparse.Namespace) -> None:
-    from plugin.inference.serve import ServeOptions, serve
+    import os
 
+    from plugin.inference.serve import ServeOptions, serve
+    from plugin.task_dir import DEFAULT_TASK_DIR, TASK_DIR_ENV
+
+    # No task dir is needed, only its model/: a missing one is the loader's error naming the files.
+    task_dir = Path(os.environ.get(TASK_DIR_ENV) or DEFAULT_TASK_DIR)
     serve(ServeOptions(
-        Path(args.model), args.host, args.port, args.device, args.amp, args.backend, args.queue_size,
+        Path(args.model) if args.model else task_dir / "model", args.host, args.port, args.device, args.amp, args.backend, args.queue_size,
         args.max_request_bytes, args.max_image_pixels, args.drain_seconds,
     ))
 
@@ -182,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task-dir", help="task directory (default: $SLY_TASK_DIR, else /sly_task_data)")
 
     p = add("serve", "serve a trained model over HTTP: POST /model/inference, GET /model/info, GET /health")
-    p.add_argument("--model", required=True, help="model directory: config.json and model.pt of a train checkpoint")
+    p.add_argument("--model", help="model directory: config.json and model.pt of a train checkpoint (default: the "
+                   "task dir's model/: $SLY_TASK_DIR/model, else /sly_task_data/model, as the legacy REST server)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0: any free port, logged)")
     p.add_argument("--device", type=int, default=0, help="CUDA device index (default: 0); the CPU without CUDA")
