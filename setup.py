@@ -5,7 +5,7 @@ from setuptools import find_packages, setup
 
 version = re.search(r'__version__ = "([^"]+)"', Path("plugin/__init__.py").read_text()).group(1)
 
-SERVE = ["starlette>=0.37,<2", "uvicorn>=0.29,<1", "python-multipart>=0.0.9"]
+SERVE = ["starlette>=0.37,<2", "uvicorn>=0.29,<1", "python-multipart>=0.0.13"]
 EXPORT = ["onnx>=1.16,<2", "onnxruntime>=1.18,<2", "onnxscript>=0.2,<1"]
 
 setup(

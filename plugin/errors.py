@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 
@@ -16,6 +17,15 @@ class TaskError(Exception):
         self.message = message
         self.where = None if where is None else str(where)
         super().__init__(f"{self.where}: {message}" if self.where else message)
+
+
+def require_extra(extra: str, modules: tuple[str, ...], where: str) -> None:
+    """TaskError naming the pip extra to install when a module of an optional dependency is missing."""
+    missing = [name for name in modules if importlib.util.find_spec(name) is None]
+    if missing:
+        raise TaskError(
+            f"needs {', '.join(missing)}, of the {extra!r} extra: pip install 'sly-unet[{extra}]'", where=where
+        )
 
 
 class InvalidConfig(TaskError):

@@ -295,3 +295,17 @@ def test_the_backend_key_is_checked_with_the_config(tmp_path, model, expected):
         read_inference_config(path)
     path.write_text(json.dumps({"model": {"backend": "onnxruntime"}, "mode": {"name": "full_image"}}))
     assert read_inference_config(path).backend == "onnxruntime"
+
+
+@pytest.mark.parametrize("command, hidden, extra", [
+    (["export", "--model", "MODEL"], "onnxscript", "export"),
+    (["serve", "--model", "MODEL", "--port", "0"], "uvicorn", "serve"),
+])
+def test_a_missing_optional_dependency_names_its_extra(model_dir, command, hidden, extra):
+    # The package made unimportable, as in an install without the extra.
+    code = (f"import sys; sys.modules[{hidden!r}] = None; from plugin.cli import main; "
+            f"sys.exit(main({[str(model_dir) if a == 'MODEL' else a for a in command]!r} + ['--log-format', 'json']))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    [crash] = [json.loads(line) for line in proc.stdout.splitlines() if "TASK_CRASHED" in line]
+    assert hidden in crash["message"] and f"pip install 'sly-unet[{extra}]'" in crash["message"]

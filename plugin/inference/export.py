@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from plugin.errors import TaskError
+from plugin.errors import TaskError, require_extra
 from plugin.inference.model_dir import ONNX_NAME, ModelConfig, load_model, read_model_config
 from plugin.inference.onnx_model import INPUT_NAME, OUTPUT_NAME, check_metadata, model_metadata
 from plugin.nn.model import SIZE_DIVISOR
@@ -69,6 +69,7 @@ def export_onnx(model_dir: Path, out: Path) -> Exported:
     """Write the network of `model_dir` (config.json + model.pt) to `out` (a file, or a folder to hold
     model.onnx) as ONNX, checked by running it in onnxruntime against torch; TaskError naming the file
     at fault."""
+    require_extra("export", ("onnx", "onnxscript", "onnxruntime"), where="export")
     if out.is_dir():
         out = out / ONNX_NAME
     weights = model_dir / WEIGHTS_NAME

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from plugin.errors import TaskError
+from plugin.errors import TaskError, require_extra
 from plugin.inference.model_dir import ModelConfig, class_color
 from plugin.nn.model import SIZE_DIVISOR
 from plugin.nn.preprocess import IMAGENET_MEAN, IMAGENET_STD, PAD_COLOR
@@ -79,11 +79,9 @@ def load_onnx_network(path: Path, config: ModelConfig, gpu_device: int) -> OnnxN
             f"`sly-unet export --model {path.parent}` first (it writes {path.name} beside model.pt)",
             where=path,
         )
-    try:
-        import onnxruntime
-    except ImportError:
-        raise TaskError("backend onnxruntime needs the onnxruntime package: pip install 'sly-unet[export]'",
-                        where="model.backend") from None
+    require_extra("export", ("onnxruntime",), where="model.backend")
+    import onnxruntime
+
     providers: list = ["CPUExecutionProvider"]
     if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
         providers.insert(0, ("CUDAExecutionProvider", {"device_id": gpu_device}))

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from plugin.config import inference_config
-from plugin.errors import InvalidConfig, LimitExceeded, TaskError
+from plugin.errors import InvalidConfig, LimitExceeded, TaskError, require_extra
 from plugin.format.images import UPLOAD, set_max_image_pixels
 from plugin.jsonfile import parse_json
 from plugin.settings import InferenceConfig
@@ -65,6 +65,7 @@ class _Model:
 def serve(options: ServeOptions) -> None:
     """Bind, load the model in the background and serve until SIGTERM; TaskError when the port is taken
     or the model does not load (the crash line, exit 1)."""
+    require_extra("serve", ("starlette", "uvicorn", "python_multipart"), where="serve")
     import uvicorn
 
     if options.max_image_pixels is not None:
@@ -82,6 +83,7 @@ def serve(options: ServeOptions) -> None:
     server = uvicorn.Server(config)
     # Its start-up lines say what ours say; its warnings and errors still come through.
     logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
+    logging.getLogger("uvicorn.error").addFilter(_without_colour)
 
     def load() -> None:
         try:
@@ -104,6 +106,13 @@ def serve(options: ServeOptions) -> None:
     if model.error is not None:
         raise model.error
     log.info("stopped: every request in flight was answered")
+
+
+def _without_colour(record: logging.LogRecord) -> bool:
+    # uvicorn attaches its message again with terminal colour codes, which would become a field of the
+    # agent's JSON line.
+    record.__dict__.pop("color_message", None)
+    return True
 
 
 def _bind(host: str, port: int) -> socket.socket:
