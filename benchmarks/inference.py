@@ -94,7 +94,7 @@ class Timing:
     load: float = 0.0  # of `wall`: config and model load, before the first PROGRESS line
 
 
-def _timed_task(task: TaskDir) -> Timing:
+def timed_task(task: TaskDir) -> Timing:
     """The whole infer_task of `task`, its results removed first."""
     shutil.rmtree(task.results_dir, ignore_errors=True)
     events = logging.getLogger("plugin.events")
@@ -133,11 +133,11 @@ def _compare(name: str, task: TaskDir, inputs: torch.Tensor, batch: int, images:
     pipeline adds, which threads cannot hide there.
     """
     predictor = load_predictor(task.model_dir, 0)
-    _timed_task(task)  # warm-up: allocator, kernels for these batch shapes, page cache of the images
+    timed_task(task)  # warm-up: allocator, kernels for these batch shapes, page cache of the images
     _bare_forward(predictor, inputs[:batch], batch)
     wholes, bares = [], []
     for _ in range(repeats):
-        wholes.append(_timed_task(task))
+        wholes.append(timed_task(task))
         bares.append(_bare_forward(predictor, inputs, batch))
     whole, bare = min(wholes, key=lambda t: t.wall), min(bares, key=lambda t: t.wall)
     cpu_ratio = min(t.cpu for t in wholes) / min(t.cpu for t in bares)
@@ -152,18 +152,17 @@ def _compare(name: str, task: TaskDir, inputs: torch.Tensor, batch: int, images:
     return ratio
 
 
-def bench_full_image(tmp: Path, images: int, size: int, input_size: int, batch: int, repeats: int) -> float:
+def full_image_task(tmp: Path, images: int, size: int, input_size: int, batch: int) -> tuple[TaskDir, torch.Tensor]:
+    """A full_image task dir of `images` size x size images, and the network inputs its images make."""
     task = make_task(tmp / "full_image", images, size, input_size, {"name": "full_image", "batch_size": batch})
     decoded = [read_image(path) for path in sorted(task.data_dir.glob("*/*/img/*"))]
-    inputs = network_inputs(decoded, (input_size, input_size))
-    command = (f".venv/bin/python -m benchmarks.inference --only full_image --images {images} --size {size} "
-               f"--input {input_size} --batch {batch} --repeats {repeats}")
-    detail = f"{size}x{size}, input {input_size}, {batch} images per forward"
-    return _compare("full_image", task, inputs, batch, images, repeats, detail, command)
+    return task, network_inputs(decoded, (input_size, input_size))
 
 
-def bench_sliding_window(tmp: Path, images: int, size: int, window: int, overlap: int, input_size: int, batch: int,
-                         repeats: int) -> float:
+def sliding_window_task(
+    tmp: Path, images: int, size: int, window: int, overlap: int, input_size: int, batch: int
+) -> tuple[TaskDir, torch.Tensor]:
+    """A sliding_window task dir of `images` size x size images, and the network inputs of all their windows."""
     mode = {"name": "sliding_window", "window": {"width": window, "height": window},
             "min_overlap": {"x": overlap, "y": overlap}, "batch_size": batch}
     task = make_task(tmp / "sliding_window", images, size, input_size, mode)
@@ -172,10 +171,23 @@ def bench_sliding_window(tmp: Path, images: int, size: int, window: int, overlap
         image = pad_to(read_image(path), window, window)
         starts = window_starts(image.shape[0], window, window - overlap)
         tiles += [image[t : t + window, left : left + window] for t in starts for left in starts]
-    inputs = network_inputs(tiles, (input_size, input_size))
+    return task, network_inputs(tiles, (input_size, input_size))
+
+
+def bench_full_image(tmp: Path, images: int, size: int, input_size: int, batch: int, repeats: int) -> float:
+    task, inputs = full_image_task(tmp, images, size, input_size, batch)
+    command = (f".venv/bin/python -m benchmarks.inference --only full_image --images {images} --size {size} "
+               f"--input {input_size} --batch {batch} --repeats {repeats}")
+    detail = f"{size}x{size}, input {input_size}, {batch} images per forward"
+    return _compare("full_image", task, inputs, batch, images, repeats, detail, command)
+
+
+def bench_sliding_window(tmp: Path, images: int, size: int, window: int, overlap: int, input_size: int, batch: int,
+                         repeats: int) -> float:
+    task, inputs = sliding_window_task(tmp, images, size, window, overlap, input_size, batch)
     command = (f".venv/bin/python -m benchmarks.inference --only sliding_window --sw-images {images} --size {size} "
                f"--window {window} --overlap {overlap} --sw-input {input_size} --sw-batch {batch} --repeats {repeats}")
-    detail = (f"{size}x{size}, {len(tiles) // images} windows each of {window} px (overlap {overlap}, "
+    detail = (f"{size}x{size}, {len(inputs) // images} windows each of {window} px (overlap {overlap}, "
               f"input {input_size}, {batch} windows per forward)")
     return _compare("sliding_window", task, inputs, batch, images, repeats, detail, command)
 

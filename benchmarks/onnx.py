@@ -21,12 +21,10 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.inference import Timing, _timed_task, make_task
+from benchmarks.inference import Timing, full_image_task, sliding_window_task, timed_task
 from plugin import agent_log
-from plugin.format.images import read_image
 from plugin.inference.export import export_onnx
 from plugin.inference.predictor import Predictor, load_predictor
-from plugin.nn.tiling import network_inputs, pad_to, window_starts
 from plugin.task_dir import TaskDir
 
 BACKENDS = ("torch", "onnxruntime")
@@ -41,7 +39,7 @@ def _network_alone(predictor: Predictor, inputs: torch.Tensor, batch: int) -> Ti
     return Timing(time.perf_counter() - start, time.process_time() - cpu)
 
 
-def _compare(name: str, task: TaskDir, mode: dict, inputs: torch.Tensor, batch: int, images: int, repeats: int,
+def _compare(name: str, task: TaskDir, inputs: torch.Tensor, batch: int, images: int, repeats: int,
              detail: str, command: str) -> dict[str, float]:
     """Whole task and network alone per backend, best of `repeats`; prints them, returns task images/s.
 
@@ -52,13 +50,14 @@ def _compare(name: str, task: TaskDir, mode: dict, inputs: torch.Tensor, batch: 
     export_onnx(task.model_dir, task.model_dir / "model.onnx")
     export_s = time.perf_counter() - start
     predictors = {b: load_predictor(task.model_dir, 0, backend=b) for b in BACKENDS}
+    mode = json.loads(task.config_path.read_text())["mode"]  # make_task's
     configs = {b: json.dumps({"model": {"backend": b}, "mode": mode}) for b in BACKENDS}
     wholes: dict[str, list[Timing]] = {b: [] for b in BACKENDS}
     alone: dict[str, list[Timing]] = {b: [] for b in BACKENDS}
     for round_ in range(repeats + 1):  # round 0 warms up: allocators, kernels, page cache
         for backend in BACKENDS:
             task.config_path.write_text(configs[backend])
-            whole = _timed_task(task)
+            whole = timed_task(task)
             network = _network_alone(predictors[backend], inputs, batch)
             if round_:
                 wholes[backend].append(whole)
@@ -82,31 +81,21 @@ def _compare(name: str, task: TaskDir, mode: dict, inputs: torch.Tensor, batch: 
 
 
 def bench_full_image(tmp: Path, images: int, size: int, batch: int, repeats: int) -> dict[str, float]:
-    mode = {"name": "full_image", "batch_size": batch}
-    task = make_task(tmp / "full_image", images, size, size, mode)
-    inputs = network_inputs([read_image(p) for p in sorted(task.data_dir.glob("*/*/img/*"))], (size, size))
+    task, inputs = full_image_task(tmp, images, size, size, batch)
     command = (f".venv/bin/python -m benchmarks.onnx --only full_image --images {images} --size {size} "
                f"--batch {batch} --repeats {repeats}")
-    return _compare("full_image", task, mode, inputs, batch, images, repeats,
+    return _compare("full_image", task, inputs, batch, images, repeats,
                     f"{size}x{size} at input {size}, {batch} per forward", command)
 
 
 def bench_sliding_window(tmp: Path, images: int, size: int, window: int, overlap: int, input_size: int, batch: int,
                          repeats: int) -> dict[str, float]:
-    mode = {"name": "sliding_window", "window": {"width": window, "height": window},
-            "min_overlap": {"x": overlap, "y": overlap}, "batch_size": batch}
-    task = make_task(tmp / "sliding_window", images, size, input_size, mode)
-    tiles = []
-    for path in sorted(task.data_dir.glob("*/*/img/*")):
-        image = pad_to(read_image(path), window, window)
-        starts = window_starts(image.shape[0], window, window - overlap)
-        tiles += [image[t : t + window, left : left + window] for t in starts for left in starts]
-    inputs = network_inputs(tiles, (input_size, input_size))
+    task, inputs = sliding_window_task(tmp, images, size, window, overlap, input_size, batch)
     command = (f".venv/bin/python -m benchmarks.onnx --only sliding_window --sw-images {images} --sw-size {size} "
                f"--window {window} --overlap {overlap} --sw-input {input_size} --sw-batch {batch} --repeats {repeats}")
-    detail = (f"{size}x{size}, {len(tiles) // images} windows each of {window} px (overlap {overlap}, input "
+    detail = (f"{size}x{size}, {len(inputs) // images} windows each of {window} px (overlap {overlap}, input "
               f"{input_size}, {batch} per forward)")
-    return _compare("sliding_window", task, mode, inputs, batch, images, repeats, detail, command)
+    return _compare("sliding_window", task, inputs, batch, images, repeats, detail, command)
 
 
 def main() -> None:
