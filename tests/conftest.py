@@ -71,3 +71,11 @@ def trained_task(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Run]:
     """One tiny full training run (64x64, 1 epoch), shared by the tests that inspect its outputs."""
     root = make_task(tmp_path_factory.mktemp("trained") / "task")
     return root, run_entrypoint("entrypoints.train", root)
+
+
+@pytest.fixture(scope="session")
+def checkpoint(trained_task: tuple[Path, Run]) -> Path:
+    """The first checkpoint folder (config.json + model.pt) of the shared training run."""
+    root, run = trained_task
+    assert run.returncode == 0, run.stderr[-3000:]
+    return root / "results" / "00000000"

@@ -39,13 +39,6 @@ ALL_FLIPS = ("horizontal", "vertical", "both")
 
 
 @pytest.fixture(scope="module")
-def checkpoint(trained_task) -> Path:
-    root, run = trained_task
-    assert run.returncode == 0, run.stderr[-3000:]
-    return root / "results" / "00000000"
-
-
-@pytest.fixture(scope="module")
 def exported(checkpoint, tmp_path_factory) -> tuple[Path, Run]:
     """A model folder (links to the shared checkpoint) with model.onnx written by `sly-unet export`."""
     model_dir = tmp_path_factory.mktemp("export") / "model"

@@ -48,13 +48,6 @@ def make_inference_task(root: Path, checkpoint: Path, config: dict, size: int = 
     return root
 
 
-@pytest.fixture(scope="module")
-def checkpoint(trained_task) -> Path:
-    root, run = trained_task
-    assert run.returncode == 0, run.stderr[-3000:]
-    return root / "results" / "00000000"
-
-
 def run_infer(task: Path) -> Run:
     return run_entrypoint("entrypoints.inference", task)
 

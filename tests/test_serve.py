@@ -47,13 +47,6 @@ LOAD_CLIENTS, LOAD_SECONDS = 8, 20
 
 
 @pytest.fixture(scope="module")
-def checkpoint(trained_task) -> Path:
-    root, run = trained_task
-    assert run.returncode == 0, run.stderr[-3000:]
-    return root / "results" / "00000000"
-
-
-@pytest.fixture(scope="module")
 def server(checkpoint):
     server = start_server(checkpoint)
     server.wait_ready()

@@ -62,18 +62,14 @@ class Unreadable:
 
 
 def read_item(
-    item: Item, meta: ProjectMeta, plan: OutputPlan, prepare: Callable[[Path], torch.Tensor] | None = None
+    item: Item, meta: ProjectMeta, plan: OutputPlan, prepare: Callable[[Path | bytes], torch.Tensor] | None = None
 ) -> ReadItem | Unreadable:
     """Decode an item's image and check its annotation against it; an undecodable image is returned
     as Unreadable, any other problem raises. `prepare` makes the image's network input from its file
     here, in the reader thread, rather than on the device's thread; the full-resolution pixels are
     then not decoded at all (full_image of a resize-trained model needs only their size)."""
     try:
-        if prepare is None:
-            image, inputs = read_image(item.image_path), None
-            size = image.shape[:2]
-        else:
-            image, inputs, size = None, prepare(item.image_path), read_image_size(item.image_path)
+        image, inputs, size = decode(item.image_path, prepare)
     except TaskError as exc:
         return Unreadable(item, exc)
     doc = read_json(item.ann_path)
@@ -87,6 +83,17 @@ def read_item(
 
 # An object's per-pixel confidence (the server's `confidence` option): {"origin": [x, y], "data": base64 PNG}.
 CONFIDENCE_KEY = "confidenceMap"
+
+
+def decode(
+    source: Path | bytes, prepare: Callable[[Path | bytes], torch.Tensor] | None
+) -> tuple[np.ndarray | None, torch.Tensor | None, tuple[int, int]]:
+    """(pixels, network input, (height, width)) of an image file or its bytes, as every inference reads
+    it: decoded in full, or with `prepare` only made into its network input (the pixels are then None)."""
+    if prepare is None:
+        image = read_image(source)
+        return image, None, image.shape[:2]
+    return None, prepare(source), read_image_size(source)
 
 
 def write_item(read: ReadItem, prediction: modes.Prediction, plan: OutputPlan, out_dir: Path) -> int:

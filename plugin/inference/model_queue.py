@@ -20,10 +20,9 @@ from pathlib import Path
 import plugin
 from plugin.config import mode_defaults
 from plugin.errors import TaskError
-from plugin.format.images import read_image, read_image_size
 from plugin.format.project import ObjClass, ProjectMeta, parse_annotation
 from plugin.inference import modes
-from plugin.inference.items import OutputPlan, ReadItem, predicted_annotation
+from plugin.inference.items import OutputPlan, ReadItem, decode, predicted_annotation
 from plugin.inference.predictor import Predictor
 from plugin.inference.task import batching, plan_output, predict
 from plugin.settings import MATCH_ALL, Mode
@@ -50,14 +49,8 @@ class QueueFull(Exception):
 def prepare(predictor: Predictor, mode: Mode, image: bytes, annotation: dict | None, confidence: bool) -> Job:
     """Decode the image as `sly-unet infer` does for `mode`, check the annotation against it and plan
     the output; TaskError naming "image" (UPLOAD), "annotation..." or "mode..." at fault."""
-    batch_size, prepare_input = batching(mode, predictor)
-    if prepare_input is None:
-        pixels, inputs = read_image(image), None
-        size = pixels.shape[:2]
-    else:
-        # full_image of a resize-trained model: the reduced-size decode, never the full pixels.
-        pixels, inputs, size = None, prepare_input(image), read_image_size(image)
-    height, width = size
+    _, prepare_input = batching(mode, predictor)
+    pixels, inputs, (height, width) = decode(image, prepare_input)
     if mode.name == "bboxes" and annotation is None:
         raise TaskError("bboxes predicts inside the input objects: send the image's annotation", where=ANNOTATION)
     meta = _request_meta(annotation or {}, mode)

@@ -158,7 +158,7 @@ def _bbox_sources(mode: Mode, meta: ProjectMeta) -> list[str]:
     return list(wanted)
 
 
-def batching(mode: Mode, predictor: Predictor) -> tuple[int, Callable[[Path], torch.Tensor] | None]:
+def batching(mode: Mode, predictor: Predictor) -> tuple[int, Callable[[Path | bytes], torch.Tensor] | None]:
     """(images per forward, what the reader threads prepare of each image). full_image of a
     resize-trained model batches mode.batch_size images, resized and normalised by the readers so that
     the device's thread only stacks them; for a crop-trained model batch_size counts windows, and every
