@@ -18,11 +18,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from plugin.errors import TaskError, require_extra
+from plugin.errors import require_extra
 from plugin.inference.model_dir import ONNX_NAME, ModelConfig, load_model, read_model_config
 from plugin.inference.onnx_model import INPUT_NAME, OUTPUT_NAME, check_metadata, model_metadata
 from plugin.nn.model import SIZE_DIVISOR
-from plugin.nn.weights import WEIGHTS_NAME
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +71,6 @@ def export_onnx(model_dir: Path, out: Path) -> Exported:
     require_extra("export", ("onnx", "onnxscript", "onnxruntime"), where="export")
     if out.is_dir():
         out = out / ONNX_NAME
-    weights = model_dir / WEIGHTS_NAME
-    if not weights.is_file():
-        raise TaskError("export needs the model's weights: a model folder of a train checkpoint holds "
-                        "config.json and model.pt", where=weights)
     config = read_model_config(model_dir)
     network = _Probabilities(load_model(model_dir, config)).eval()
     program = _trace(network)
