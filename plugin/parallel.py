@@ -62,7 +62,16 @@ def ordered_map(fn: Callable[[T], R], jobs: Iterable[T], workers: int, chunksize
     # fork it never waits on them (a child that changed the count itself would hang).
     cv2.setNumThreads(1)
     context = multiprocessing.get_context("fork")
-    with context.Pool(workers, initializer=_init_worker) as pool:
+    # Workers are forked with SIGTERM blocked: a pool terminated at once (a short job list, an error)
+    # signals workers that may not have run _init_worker yet, and one that still had the parent's stop
+    # handler would only record the signal, then wait for work forever while the parent joins it.
+    # Blocked, the signal waits until _init_worker has restored the default action, and then kills.
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        pool = context.Pool(workers, initializer=_init_worker)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    with pool:
         yield from pool.imap(fn, jobs, chunksize)
 
 
@@ -71,3 +80,4 @@ def _init_worker(*_args: Any) -> None:
     # dies on its SIGTERM and ignores the terminal's SIGINT, which the whole process group gets.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
