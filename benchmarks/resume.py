@@ -23,7 +23,8 @@ import torch
 
 from plugin.config import read_train_config
 from plugin.demo import DEMO_CONFIG, make_demo_task
-from plugin.nn.model import build_model
+from plugin.nn.network import create_network
+from plugin.settings import LEGACY_NETWORK
 from plugin.synthetic import make_project
 from plugin.training.schedule import build_optimizer
 from plugin.training.state import Fingerprint, save_state
@@ -73,7 +74,7 @@ def bench_stop(tmp: Path, size: int, repeats: int) -> tuple[float, int]:
 
 def bench_state_write(tmp: Path, writes: int) -> float:
     """Median seconds of one resume-state write (synced), for the model and an optimizer that has stepped."""
-    model = build_model(4)
+    model = create_network(LEGACY_NETWORK, 4)
     config = read_train_config(_config_file(tmp))
     optimizer = build_optimizer(model, config)
     model(torch.randn(1, 3, 64, 64)).sum().backward()

@@ -25,7 +25,8 @@ import torch
 from plugin.config import read_train_config
 from plugin.format.classes import ClassMapping
 from plugin.format.project import list_items
-from plugin.nn.model import build_model
+from plugin.nn.network import create_network
+from plugin.settings import LEGACY_NETWORK
 from plugin.nn.precision import Precision, prepare_model, resolve_precision
 from plugin.settings import TrainConfig
 from plugin.synthetic import make_project
@@ -104,7 +105,7 @@ def time_fit(task: Path, device: torch.device) -> tuple[float, float, int]:
     events.addHandler(ends)
     try:
         torch.manual_seed(0)
-        fit(build_model(mapping.num_classes), loaders, config, mapping, device, writer=None)
+        fit(create_network(LEGACY_NETWORK, mapping.num_classes), loaders, config, mapping, device, writer=None)
     finally:
         events.removeHandler(ends)
     # The last epoch: loader workers and allocator warm, no validation inside it.
@@ -118,7 +119,7 @@ def time_bare(task: Path, device: torch.device, precision: Precision, compile_: 
     loader = make_loader(train, config.batch_size.train, 0, sampler=EpochSampler(len(train), 0, 1, config.seed))
     batches = [(x.to(device), y.to(device)) for x, y in loader]
     torch.manual_seed(0)
-    model = prepare_model(build_model(mapping.num_classes).to(device), precision)
+    model = prepare_model(create_network(LEGACY_NETWORK, mapping.num_classes).to(device), precision)
     net = torch.compile(model) if compile_ else model
     optimizer = build_optimizer(model, config)
     compute_loss = loss_fn(config, mapping.num_classes)

@@ -89,6 +89,17 @@ TRAIN_DEFAULTS: dict = {
     "log_every": {"seconds": 10, "iterations": None},
 }
 
+# A new task's network (no network section, no model/). Chosen by measurement (benchmarks/quality.py,
+# README "Training recipes"): in the same CPU budget it beats the legacy network on every figure, and it
+# makes several times the steps.
+DEFAULT_NETWORK: dict = {"arch": "unet", "encoder": "efficientnet_lite0", "encoder_weights": "imagenet"}
+# What a network section's left-out keys are, by arch: a UNet starts from ImageNet as in
+# segmentation_models_pytorch; the legacy network from scratch, as it always has.
+_NETWORK_DEFAULTS: dict[str, dict] = {
+    "unet": {"encoder": DEFAULT_NETWORK["encoder"], "encoder_weights": "imagenet"},
+    "unet_v2": {"encoder_weights": None},
+}
+
 _DEFAULT_MODE = "full_image"
 _NO_SIDES = {"left": "0px", "top": "0px", "right": "0px", "bottom": "0px"}
 # Every mode gets the suffix: legacy gave it only to full_image, and the other modes then crashed on
@@ -143,7 +154,7 @@ def schema_errors(config: Any, schema_name: str) -> list[str]:
 
 def load_train_config(path: Path) -> dict:
     """The train config of `path` with the defaults merged in, validated; TaskError(where=path) listing all problems."""
-    merged = merge_defaults(TRAIN_DEFAULTS, _legacy_lr_rule(read_json(path)))
+    merged = _network_defaults(merge_defaults(TRAIN_DEFAULTS, _legacy_lr_rule(read_json(path))))
     _raise_if_any(sorted(schema_errors(merged, TRAIN_SCHEMA) + _train_semantic_errors(merged)), str(path))
     return _coerce_integers(merged, _validator(TRAIN_SCHEMA).schema)
 
@@ -289,6 +300,20 @@ def _legacy_lr_rule(user: dict) -> dict:
     return {**user, **legacy}
 
 
+def _network_defaults(config: dict) -> dict:
+    """`config` with the left-out keys of its network section filled in for its arch (unet when left out).
+
+    The section itself stays absent when the user left it out: the train task then takes model/'s
+    network, or DEFAULT_NETWORK."""
+    network = config.get("network")
+    if not isinstance(network, dict):
+        return config
+    arch = network.get("arch", "unet")
+    own = _NETWORK_DEFAULTS.get(arch, {}) if isinstance(arch, str) else {}
+    # An unknown arch gets no encoder_weights complaint on top of its own.
+    return {**config, "network": merge_defaults({"arch": arch, "encoder_weights": None, **own}, network)}
+
+
 def _train_semantic_errors(config: dict) -> list[str]:
     # Checked on whatever parts are well-typed, so they show up together with the schema errors.
     errors = []
@@ -302,6 +327,9 @@ def _train_semantic_errors(config: dict) -> list[str]:
     if isinstance(weights, dict) and all(_is_number(weights.get(k)) for k in ("bce", "dice")):
         if weights["bce"] == 0 and weights["dice"] == 0:
             errors.append("loss_weights: bce and dice cannot both be 0")
+    network = config.get("network")
+    if isinstance(network, dict) and network.get("arch") == "unet_v2" and "encoder" in network:
+        errors.append("network.encoder: unet_v2 has its own VGG16-BN encoder; encoder applies to arch unet only")
     every = config.get("log_every")
     if isinstance(every, dict) and every.get("seconds") is None and every.get("iterations") is None:
         errors.append("log_every: seconds and iterations cannot both be null")

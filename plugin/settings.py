@@ -37,6 +37,29 @@ RESIZE = Scale()
 
 
 @dataclass(frozen=True)
+class NetworkSpec:
+    """Which network a model is: the legacy UNet v2 (VGG16-BN, no encoder choice), or a UNet on `encoder`."""
+
+    arch: str  # "unet_v2" or "unet"
+    encoder: str | None = None  # unet: an nn.encoders name; unet_v2: None
+
+    def describe(self) -> str:
+        return "UNet v2 (VGG16-BN)" if self.arch == "unet_v2" else f"UNet on {self.encoder}"
+
+
+# What a checkpoint without a network record is: every model written before networks could be chosen.
+LEGACY_NETWORK = NetworkSpec("unet_v2")
+
+
+@dataclass(frozen=True)
+class NetworkChoice:
+    """The train config's network section: the network and where its encoder's starting weights come from."""
+
+    spec: NetworkSpec
+    encoder_weights: str | None  # "imagenet", a state-dict path, or None for a random init
+
+
+@dataclass(frozen=True)
 class Step:
     """One augmentation step: its name, probability and other keys (sorted; ranges as (low, high))."""
 
@@ -112,6 +135,9 @@ class TrainConfig:
     compile: bool
     log_every_s: float | None
     log_every_iterations: int | None
+    # None until the train task resolves it: a config without a network section takes model/'s network,
+    # or the default one (config.resolve_network).
+    network: NetworkChoice | None
     raw: dict = field(compare=False, repr=False)
 
     @classmethod
@@ -166,6 +192,10 @@ class TrainConfig:
             compile=config["compile"],
             log_every_s=None if config["log_every"]["seconds"] is None else float(config["log_every"]["seconds"]),
             log_every_iterations=config["log_every"]["iterations"],
+            network=None if "network" not in config else NetworkChoice(
+                NetworkSpec(config["network"]["arch"], config["network"].get("encoder")),
+                config["network"]["encoder_weights"],
+            ),
             raw=config,
         )
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import cv2
 import pytest
+import torch
 
 from tests.conftest import TINY_CONFIG, make_task, run_entrypoint
 
@@ -90,7 +91,66 @@ def malformed_geometry(task: Path) -> str:
     return edit_ann(task, change).name
 
 
+def write_config(task: Path, **keys) -> None:
+    (task / "task_config.json").write_text(json.dumps(dict(TINY_CONFIG, **keys)))
+
+
+def unknown_encoder(task: Path) -> str:
+    write_config(task, network={"arch": "unet", "encoder": "resnet50"})
+    return "network.encoder: 'resnet50' is not one of ['efficientnet_lite0', 'resnet18', 'resnet34']"
+
+
+def unknown_arch(task: Path) -> str:
+    write_config(task, network={"arch": "unet3"})
+    return "invalid config (1 problem):\n  network.arch: 'unet3' is not one of ['unet', 'unet_v2']"
+
+
+def encoder_with_unet_v2(task: Path) -> str:
+    write_config(task, network={"arch": "unet_v2", "encoder": "resnet18"})
+    return "network.encoder: unet_v2 has its own VGG16-BN encoder"
+
+
+def missing_weights_file(task: Path) -> str:
+    write_config(task, network={"encoder": "resnet18", "encoder_weights": str(task / "r18.pth")})
+    return f"network.encoder_weights: no such weights file: '{task / 'r18.pth'}'"
+
+
+def weights_of_another_encoder(task: Path) -> str:
+    # resnet18's names and shapes, given to a resnet34: its extra blocks are missing.
+    from plugin.nn.encoders import create_encoder
+
+    torch.save(create_encoder("resnet18").state_dict(), task / "r18.pth")
+    write_config(task, network={"encoder": "resnet34", "encoder_weights": str(task / "r18.pth")})
+    return f"{task / 'r18.pth'}: these weights are not resnet34's: 80 missing tensors (layer1.2.conv1.weight"
+
+
+def input_size_off_the_network_stride(task: Path) -> str:
+    # 80 is a multiple of 16 (the schema, and UNet v2) but not of 32 (the default network's encoder).
+    write_config(task, input_size={"width": 80, "height": 64})
+    return "input_size: width 80 must be multiples of 32 for the UNet on efficientnet_lite0 network"
+
+
+def model_of_another_network(task: Path) -> str:
+    from plugin.nn.network import create_network, network_record
+    from plugin.settings import LEGACY_NETWORK, NetworkSpec
+
+    (task / "model").mkdir()
+    torch.save(create_network(NetworkSpec("unet", "resnet18"), 4).state_dict(), task / "model" / "model.pt")
+    (task / "model" / "config.json").write_text(json.dumps({
+        "class_title_to_idx": {"bg": 0, "blob": 1, "box": 2, "ring": 3}, "settings": {},
+        "network": network_record(NetworkSpec("unet", "resnet18"))}))
+    write_config(task, network={"arch": LEGACY_NETWORK.arch})
+    return "network: the config asks for the UNet v2 (VGG16-BN) network, but model/ holds a UNet on resnet18"
+
+
 CASES = [
+    unknown_encoder,
+    unknown_arch,
+    encoder_with_unet_v2,
+    missing_weights_file,
+    weights_of_another_encoder,
+    input_size_off_the_network_stride,
+    model_of_another_network,
     no_config,
     broken_json,
     schema_violation,

@@ -23,7 +23,8 @@ from plugin.format.project import list_items, read_meta
 from plugin.inference import modes
 from plugin.inference.predictor import Predictor
 from plugin.inference.task import batching
-from plugin.nn.model import build_model
+from plugin.nn.network import create_network
+from plugin.settings import LEGACY_NETWORK
 from plugin.nn.tiling import TorchNetwork, network_inputs
 from plugin.settings import MATCH_ALL, Mode
 from plugin.synthetic import make_project, natural_image
@@ -60,7 +61,7 @@ def test_inference_feeds_the_network_the_training_tensor(tmp_path):
     project = make_project(tmp_path / "p", n_train=0, n_val=2, size=96, seed=3)
     size = (64, 48)  # (width, height): a non-square input also checks the axis order of the resize
     dataset = _val_dataset(project, size)
-    recorder = Recorder(build_model(4).eval())
+    recorder = Recorder(create_network(LEGACY_NETWORK, 4).eval())
     predictor = Predictor(TorchNetwork(recorder), torch.device("cpu"), size, ["bg", "blob", "box", "ring"], [])
     for index, item in enumerate(dataset.items):
         modes.full_image(predictor, read_image(item.image_path))
@@ -79,7 +80,7 @@ def test_the_network_sees_rgb_normalised_with_imagenet_statistics(tmp_path, path
     if path_name == "training":
         tensor = _val_dataset(project, (32, 32))[0][0]
     else:
-        recorder = Recorder(build_model(4).eval())
+        recorder = Recorder(create_network(LEGACY_NETWORK, 4).eval())
         predictor = Predictor(TorchNetwork(recorder), torch.device("cpu"), (32, 32), ["bg", "blob", "box", "ring"], [])
         modes.full_image(predictor, read_image(item.image_path))
         tensor = recorder.inputs[-1][0]
@@ -121,7 +122,7 @@ def test_whole_image_inference_decodes_a_large_jpeg_as_training_did(tmp_path):
         json.dumps({"size": {"height": 768, "width": 1024}, "tags": [], "objects": []}))
     size = (64, 48)
     training_tensor, _ = _val_dataset(project, size)[0]
-    predictor = Predictor(TorchNetwork(build_model(2).eval()), torch.device("cpu"), size, ["bg", "a"], [])
+    predictor = Predictor(TorchNetwork(create_network(LEGACY_NETWORK, 2).eval()), torch.device("cpu"), size, ["bg", "a"], [])
     _, prepare = batching(Mode("full_image", MATCH_ALL, "_unet", False, (), batch_size=4), predictor)
     assert torch.equal(prepare(photo), training_tensor)
     # The reduced decode is what makes them equal: a full decode resized differs.

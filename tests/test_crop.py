@@ -21,7 +21,8 @@ from plugin.inference.evaluate import evaluate_projects
 from plugin.inference.predictor import Predictor, load_predictor
 from plugin.inference.task import infer_task
 from plugin.jsonfile import read_json, write_json
-from plugin.nn.model import build_model
+from plugin.nn.network import create_network
+from plugin.settings import LEGACY_NETWORK
 from plugin.nn.preprocess import PAD_COLOR, normalize, resize_image
 from plugin.nn.tiling import TorchNetwork, training_window
 from plugin.settings import Scale
@@ -171,7 +172,7 @@ def test_validation_scores_what_inference_writes(crop_run, tmp_path):
 
 @pytest.mark.parametrize("factor", [1.0, 0.5])
 def test_every_mode_shows_a_crop_model_the_image_at_its_training_scale(factor):
-    recorder = Recorder(build_model(2).eval())
+    recorder = Recorder(create_network(LEGACY_NETWORK, 2).eval())
     predictor = Predictor(TorchNetwork(recorder), torch.device("cpu"), (64, 48), ["bg", "a"], [], (),
                           Scale("crop", factor))
     window = training_window((64, 48), factor)
@@ -188,7 +189,7 @@ def test_every_mode_shows_a_crop_model_the_image_at_its_training_scale(factor):
 
 
 def test_a_window_at_another_scale_is_warned_about_once(caplog):
-    predictor = Predictor(TorchNetwork(build_model(2).eval()), torch.device("cpu"), (64, 64), ["bg", "a"], [], (),
+    predictor = Predictor(TorchNetwork(create_network(LEGACY_NETWORK, 2).eval()), torch.device("cpu"), (64, 64), ["bg", "a"], [], (),
                           Scale("crop", 0.5))
     with caplog.at_level(logging.WARNING):
         assert modes.window_plan(predictor, (None, None), (None, None)) == ((128, 128), (64, 64))
@@ -216,6 +217,22 @@ def test_a_checkpoint_without_a_scale_record_is_a_resize_model(crop_run, tmp_pat
 
 
 def test_a_legacy_model_keeps_the_legacy_window():
-    predictor = Predictor(TorchNetwork(build_model(2).eval()), torch.device("cpu"), (64, 64), ["bg", "a"], [])
+    predictor = Predictor(TorchNetwork(create_network(LEGACY_NETWORK, 2).eval()), torch.device("cpu"), (64, 64), ["bg", "a"], [])
     assert predictor.scale == Scale("resize", 1.0)
     assert modes.window_plan(predictor, (None, None), (None, None)) == ((128, 128), (64, 64))
+
+
+def test_sliding_window_defaults_to_the_scale_a_resize_model_was_trained_at(caplog):
+    # Trained on 512 px images resized to a 256 input (scale 0.5): its window is 512, so that each tile
+    # reaches the network at the scale it learnt; a checkpoint without the record keeps the legacy 128.
+    network = TorchNetwork(create_network(LEGACY_NETWORK, 2).eval())
+    trained = Predictor(network, torch.device("cpu"), (256, 256), ["bg", "a"], [], (), Scale("resize", 1.0),
+                        presented_scale=(0.5, 0.5))
+    legacy = Predictor(network, torch.device("cpu"), (256, 256), ["bg", "a"], [])
+    with caplog.at_level(logging.WARNING):
+        assert modes.window_plan(trained, (None, None), (None, None)) == ((512, 512), (256, 256))
+        assert modes.window_plan(legacy, (None, None), (None, None)) == ((128, 128), (64, 64))
+        assert not caplog.records
+        modes.window_plan(trained, (128, 128), (None, None))
+    [record] = caplog.records
+    assert "scale 2x2" in record.getMessage() and "trained at scale 0.5" in record.getMessage()

@@ -20,7 +20,7 @@ from plugin import agent_log
 from plugin.config import read_train_config
 from plugin.format.classes import build_mapping
 from plugin.format.project import find_project, list_items, read_meta
-from plugin.nn.model import build_model
+from plugin.nn.network import create_network
 from plugin.nn.weights import WEIGHTS_NAME, load_state_dict
 from plugin.training.checkpoints import legacy_state_dict
 from plugin.training.data import split_items, val_shard
@@ -28,7 +28,7 @@ from plugin.training.distributed import DUMP_WEIGHTS_ENV, RankFailed
 from plugin.training.step import loss_fn
 from plugin.training.sampler import EpochSampler
 from plugin.training.schedule import build_optimizer, lr_schedule, set_lr
-from plugin.training.task import apply_initial_weights, build_dataset
+from plugin.training.task import apply_initial_weights, build_dataset, model_network
 from tests.conftest import REPO, TINY_CONFIG, Run, make_task, run_entrypoint
 
 
@@ -128,12 +128,14 @@ def test_two_processes_match_one_process_on_the_doubled_batch(runs):
     assert one.returncode == 0 and two.returncode == 0, (one.stderr + two.stderr)[-3000:]
     # Same samples per global step, same start: the logged figures agree within BatchNorm's share.
     # Each CPU process normalises over its own 2 images (torch's SyncBatchNorm is CUDA-only), which
-    # moves the figures a little: measured 0.1 % on the first loss and on the val loss.
+    # moves the figures a little. Measured with the legacy network: 0.1 % on the first loss and on the
+    # val loss; with the default UNet on efficientnet_lite0, whose 2x2 deepest maps (64 px inputs) give
+    # its many BatchNorms few values each: under 1 % on the first loss, 3.6 % on the val loss.
     train1, train2 = _metrics(one, "train"), _metrics(two, "train")
     assert [m["epoch"] for m in train1] == [m["epoch"] for m in train2] == [0.5, 1.0]
     assert train2[0]["metrics"]["loss"] == pytest.approx(train1[0]["metrics"]["loss"], rel=0.01)
     (val1,), (val2,) = _metrics(one, "val"), _metrics(two, "val")
-    assert val2["metrics"]["loss"] == pytest.approx(val1["metrics"]["loss"], rel=0.02)
+    assert val2["metrics"]["loss"] == pytest.approx(val1["metrics"]["loss"], rel=0.05)
     assert val2["metrics"]["accuracy"] == pytest.approx(val1["metrics"]["accuracy"], abs=0.05)
 
 
@@ -168,7 +170,7 @@ def _two_rank_step_in_one_process(task: Path) -> dict[str, torch.Tensor]:
     meta = read_meta(project)
     mapping = build_mapping(meta, "bg", "neutral")
     data = build_dataset("train", split_items(list_items(project), "train", "val")["train"], meta, mapping, config)
-    model = build_model(mapping.num_classes)
+    model = create_network(model_network(task / "model"), mapping.num_classes)
     apply_initial_weights(model, load_state_dict(task / "model" / WEIGHTS_NAME), "continue_training", task)
     optimizer = build_optimizer(model, config)
     compute_loss = loss_fn(config, mapping.num_classes)

@@ -100,13 +100,14 @@ def test_export_writes_one_file_of_json_log_lines(exported):
     assert sorted(p.name for p in model_dir.iterdir()) == ["config.json", "model.onnx", "model.pt"]
 
 
-def test_the_file_outputs_probabilities_at_any_batch_and_multiple_of_16(model_dir, predictors):
+def test_the_file_outputs_probabilities_at_any_batch_and_multiple_of_32(model_dir, predictors):
     torch_predictor = predictors["resize"][0]
     session = onnxruntime.InferenceSession(str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"])
     [image], [probs] = session.get_inputs(), session.get_outputs()
     assert (image.name, image.shape[:2], probs.name, probs.shape[:2]) == ("image", ["batch", 3], "probabilities", ["batch", 4])
     generator = torch.Generator().manual_seed(0)
-    for shape in ((1, 3, 64, 64), (3, 3, 48, 80), (2, 3, 16, 48)):
+    # The default network (a UNet on efficientnet_lite0) takes sides that are multiples of 32.
+    for shape in ((1, 3, 64, 64), (3, 3, 32, 96), (2, 3, 96, 32)):
         batch = torch.randn(shape, generator=generator)
         [out] = session.run(None, {"image": batch.numpy()})
         assert out.shape == (shape[0], 4, *shape[2:])
@@ -124,7 +125,8 @@ def test_the_metadata_is_enough_to_predict_without_our_code(model_dir, predictor
     assert [c["title"] for c in meta["classes"]] == by_index == ["bg", "blob", "box", "ring"]
     colors = {c["title"]: c["color"] for c in config["out_classes"]}
     assert [c["color"] for c in meta["classes"]] == [colors[t] for t in by_index]
-    assert meta["input_size"] == {"width": 64, "height": 64} and meta["size_divisor"] == 16
+    assert meta["input_size"] == {"width": 64, "height": 64} and meta["size_divisor"] == 32
+    assert meta["network"] == config["network"] and meta["network"]["encoder"] == "efficientnet_lite0"
     assert meta["scale"] == {"mode": "resize", "factor": 1.0}
     norm = meta["normalization"]
     assert (norm["mean"], norm["std"]) == ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])

@@ -13,7 +13,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from plugin.config import read_train_config
 from plugin.format.project import list_items
-from plugin.nn.model import build_model
+from plugin.nn.network import create_network
+from plugin.settings import LEGACY_NETWORK
 from plugin.nn.precision import FLOAT32, Precision, resolve_precision
 from plugin.task_dir import TaskDir
 from plugin.training.data import make_loader
@@ -77,7 +78,7 @@ def _fit_in_process(root: Path, n_train: int) -> tuple[dict[str, int], int]:
         "val": make_loader(val, 2, 0),
     }
     torch.manual_seed(0)
-    model = build_model(mapping.num_classes)
+    model = create_network(LEGACY_NETWORK, mapping.num_classes)
     functions, scalars = HostReads(), ScalarReads()
     with functions, scalars:
         fit(model, loaders, config, mapping, torch.device("cpu"), writer=None)
@@ -95,7 +96,7 @@ def test_training_steps_read_nothing_back_from_the_device(tmp_path):
 
 def _one_step(precision: Precision, images: torch.Tensor, targets: torch.Tensor, config, model=None) -> tuple:
     torch.manual_seed(0)
-    model = (build_model(4) if model is None else model()).train()
+    model = (create_network(LEGACY_NETWORK, 4) if model is None else model()).train()
     optimizer = build_optimizer(model, config)
     compute_loss = loss_fn(config, 4)
     scaler = precision.grad_scaler()

@@ -23,7 +23,8 @@ from plugin.errors import TaskError
 from plugin.format.project import list_items
 from plugin.inference import modes
 from plugin.inference.predictor import load_predictor
-from plugin.nn.model import build_model
+from plugin.nn.network import create_network
+from plugin.settings import LEGACY_NETWORK
 from plugin.inference.task import infer_task
 from plugin.synthetic import make_project
 from plugin.task_dir import TaskDir
@@ -36,7 +37,7 @@ MAPPING = {"bg": 0, "blob": 1, "box": 2, "ring": 3}
 def model_dir(tmp_path_factory) -> Path:
     """A seeded, untrained model; its 32 px input keeps the forwards short on a CPU."""
     torch.manual_seed(0)
-    model = build_model(len(MAPPING))
+    model = create_network(LEGACY_NETWORK, len(MAPPING))
     root = tmp_path_factory.mktemp("seeded") / "model"
     root.mkdir()
     torch.save(model.state_dict(), root / "model.pt")

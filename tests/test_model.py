@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from plugin.errors import TaskError
-from plugin.nn.model import UNetV2, build_model
+from plugin.nn.model import UNetV2
+from plugin.nn.network import create_network
+from plugin.settings import LEGACY_NETWORK
 
 # The legacy network, written out from the spec: (vgg index, in channels, out channels) of the
 # 3x3 convs in each encoder block; the BN sits at index + 1.
@@ -53,13 +55,13 @@ def legacy_shapes(n_cls: int) -> dict[str, tuple[int, ...]]:
 
 @pytest.fixture(scope="module")
 def model3() -> UNetV2:
-    return build_model(3)
+    return create_network(LEGACY_NETWORK, 3)
 
 
 @pytest.fixture(scope="module")
 def model2() -> UNetV2:
     torch.manual_seed(0)
-    return build_model(2)
+    return create_network(LEGACY_NETWORK, 2)
 
 
 def test_state_dict_names_and_shapes_match_legacy(model3: UNetV2) -> None:

@@ -15,14 +15,15 @@ from plugin.format.project import Label
 from plugin.inference import modes
 from plugin.inference.predictor import Predictor
 from plugin.nn import tiling
-from plugin.nn.model import build_model
+from plugin.nn.network import create_network
+from plugin.settings import LEGACY_NETWORK
 from plugin.settings import tta_flips
 
 
 @pytest.fixture(scope="module")
 def predictor() -> Predictor:
     torch.manual_seed(0)
-    model = build_model(3).eval()
+    model = create_network(LEGACY_NETWORK, 3).eval()
     out_classes = [{"title": t, "shape": "bitmap", "color": "#112233"} for t in ("bg", "a", "b")]
     return Predictor(tiling.TorchNetwork(model), torch.device("cpu"), (64, 48), ["bg", "a", "b"], out_classes)
 
@@ -31,7 +32,7 @@ def predictor() -> Predictor:
 def confident_predictor() -> Predictor:
     # The seeded model's probabilities sit near uniform; larger logits make its tile-border effects measurable.
     torch.manual_seed(0)
-    model = build_model(3).eval()
+    model = create_network(LEGACY_NETWORK, 3).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "last_conv" in name:

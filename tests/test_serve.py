@@ -41,7 +41,8 @@ MODES = {
 }
 # Four forwards one after the other (seconds here): long enough to hold the model thread while a test
 # looks at the queue, which /health shows.
-SLOW = {"name": "sliding_window", "window": {"width": 32, "height": 32}, "min_overlap": {"x": 0, "y": 0},
+# 256 forwards of one 4x4 window each: a request that keeps the model busy for a few seconds.
+SLOW = {"name": "sliding_window", "window": {"width": 4, "height": 4}, "min_overlap": {"x": 0, "y": 0},
         "batch_size": 1}
 LOAD_CLIENTS, LOAD_SECONDS = 8, 20
 

@@ -9,6 +9,11 @@ import shutil
 import pytest
 import torch
 
+from plugin.config import read_train_config
+from plugin.format.project import list_items
+from plugin.settings import TrainConfig
+from plugin.synthetic import make_project
+from plugin.training.task import presented_scale
 from tests.conftest import ISBI, TINY_CONFIG, make_task, run_entrypoint
 
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -52,7 +57,9 @@ def test_full_run_writes_checkpoints_and_agent_log(trained_task):
 def test_checkpoint_config_keeps_the_legacy_shape(trained_task):
     root, run = trained_task
     config = json.loads((root / "results" / "00000000" / "config.json").read_text())
-    assert set(config) == {"settings", "out_classes", "class_title_to_idx"}
+    # The legacy keys, plus what the network and the training scale were (legacy tools ignore those).
+    assert set(config) == {"settings", "out_classes", "class_title_to_idx", "network", "presented_scale"}
+    assert config["network"]["arch"] == "unet" and config["network"]["encoder"] == "efficientnet_lite0"
     assert config["class_title_to_idx"] == {"bg": 0, "blob": 1, "box": 2, "ring": 3}  # neutral stays out
     assert [c["title"] for c in config["out_classes"]] == ["ring", "blob", "box", "bg"]
     assert all(c["shape"] == "bitmap" for c in config["out_classes"])
@@ -61,7 +68,7 @@ def test_checkpoint_config_keeps_the_legacy_shape(trained_task):
 
     state = torch.load(root / "results" / "00000000" / "model.pt", weights_only=True)
     assert all(k.startswith("module.") for k in state)  # legacy DataParallel names
-    assert state["module.last_conv.weight"].shape == (4, 64, 1, 1)
+    assert state["module.last_conv.weight"].shape == (4, 16, 1, 1)
 
 
 def test_continue_training_from_a_checkpoint(trained_task, tmp_path):
@@ -111,7 +118,7 @@ def test_transfer_learning_from_a_checkpoint_of_other_classes(trained_task, tmp_
     auto = [line for line in run.lines if line["message"].startswith("class_weights auto")]
     assert len(auto) == 1 and list(auto[0]["class_weights"]) == ["bg", "blob", "ring"]
     state = torch.load(task / "results" / "00000000" / "model.pt", weights_only=True)
-    assert state["module.last_conv.weight"].shape == (3, 64, 1, 1)
+    assert state["module.last_conv.weight"].shape == (3, 16, 1, 1)
 
 
 def test_class_weights_of_the_wrong_length_name_the_class_order(tmp_path):
@@ -136,3 +143,15 @@ def test_a_few_iterations_on_the_isbi_membranes(tmp_path):
     train_progress = [p for p in run.events("PROGRESS") if p["subtask"] == "Model training: "]
     assert train_progress[-1]["total"] == 3  # 18 train slices / batch 6
     assert [c["subdir"] for c in run.events("CHECKPOINT")] == ["00000000"]
+
+
+
+def test_checkpoints_record_the_scale_training_presented(tmp_path):
+    # Resize training of 96 px images at a 64 x 32 input: input / image side per axis (the median over
+    # the train images). Crop training: the factor.
+    items = list_items(make_project(tmp_path / "p", n_train=3, n_val=0, size=96, seed=0))
+    (tmp_path / "task_config.json").write_text(json.dumps({"input_size": {"width": 64, "height": 32}}))
+    config = read_train_config(tmp_path / "task_config.json")
+    assert presented_scale(config, items) == {"x": 64 / 96, "y": 32 / 96}
+    crop = TrainConfig.from_dict({**config.raw, "scale": {"mode": "crop", "factor": 0.5}})
+    assert presented_scale(crop, items) == {"x": 0.5, "y": 0.5}

@@ -10,7 +10,9 @@ import torch
 from torch import nn
 
 from plugin.errors import TaskError
-from plugin.nn.model import UNetV2, build_model
+from plugin.nn.model import UNetV2
+from plugin.nn.network import create_network
+from plugin.settings import LEGACY_NETWORK
 from plugin.nn.weights import (
     load_continue,
     load_state_dict,
@@ -37,7 +39,7 @@ class Custom:
 @pytest.fixture(scope="module")
 def template2() -> UNetV2:
     torch.manual_seed(1)
-    return build_model(2)
+    return create_network(LEGACY_NETWORK, 2)
 
 
 @pytest.fixture
@@ -49,7 +51,7 @@ def model2(template2: UNetV2) -> UNetV2:
 def legacy3_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A model.pt as the legacy plugin saved it: a 3-class DataParallel state dict (`module.` names)."""
     torch.manual_seed(2)
-    sd = build_model(3).state_dict()
+    sd = create_network(LEGACY_NETWORK, 3).state_dict()
     for tensor in sd.values():
         if tensor.is_floating_point():
             tensor.uniform_(-1, 1)  # distinguishable from any fresh init
@@ -66,7 +68,7 @@ def test_load_state_dict_reads_a_legacy_file(legacy3_file: Path) -> None:
 
 
 def test_continue_loads_legacy_names_strictly(legacy3_file: Path) -> None:
-    model = build_model(3)
+    model = create_network(LEGACY_NETWORK, 3)
     sd = load_state_dict(legacy3_file)
     load_continue(model, sd, where=legacy3_file)
     for name, tensor in model.state_dict().items():

@@ -13,9 +13,9 @@ from torch import nn
 from plugin.errors import TaskError
 from plugin.format.classes import titles_by_index
 from plugin.jsonfile import read_json
-from plugin.nn.model import build_model
+from plugin.nn.network import create_network, read_network_record
 from plugin.nn.weights import CONFIG_NAME, WEIGHTS_NAME, load_continue, load_state_dict
-from plugin.settings import RESIZE, Scale
+from plugin.settings import RESIZE, NetworkSpec, Scale
 
 # The exported network beside model.pt (`sly-unet export`), which the onnxruntime backend reads.
 ONNX_NAME = "model.onnx"
@@ -23,12 +23,16 @@ ONNX_NAME = "model.onnx"
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """What config.json says about the network: classes by output index, input size, training scale."""
+    """What config.json says about the model: classes by output index, input size, training scale, network."""
 
     class_titles: tuple[str, ...]  # by model index
     out_classes: tuple[dict, ...]  # {"title", "shape", "color", ...} as config.json lists them
     input_size: tuple[int, int]  # (width, height) the model was trained at
     scale: Scale  # how training presented images; legacy checkpoints: resize
+    network: NetworkSpec  # legacy checkpoints: unet_v2
+    # (x, y) image scale training presented to the network: the crop factor, or input / image side of
+    # resized images; None for a checkpoint that predates the record (and legacy ones).
+    presented_scale: tuple[float, float] | None
 
     @property
     def num_classes(self) -> int:
@@ -56,7 +60,8 @@ def read_model_config(model_dir: Path) -> ModelConfig:
     except (KeyError, TypeError, ValueError):
         raise TaskError("settings.input_size {width, height} is missing", where=config_path) from None
     return ModelConfig(
-        titles_by_index(mapping), tuple(config.get("out_classes") or ()), input_size, read_scale(config, config_path)
+        titles_by_index(mapping), tuple(config.get("out_classes") or ()), input_size, read_scale(config, config_path),
+        read_network_record(config, config_path), read_presented_scale(config, config_path),
     )
 
 
@@ -74,8 +79,23 @@ def read_scale(config: dict, where: Path) -> Scale:
     return scale
 
 
+def read_presented_scale(config: dict, where: Path) -> tuple[float, float] | None:
+    """config.json's presented_scale {x, y}; None without one."""
+    record = config.get("presented_scale")
+    if record is None:
+        return None
+    try:
+        x, y = float(record["x"]), float(record["y"])
+    except (KeyError, TypeError, ValueError):
+        raise TaskError("presented_scale must be {\"x\": number, \"y\": number}", where=where) from None
+    if not (x > 0 and y > 0):
+        raise TaskError(f"presented_scale {record!r}: x and y must be above 0", where=where)
+    return x, y
+
+
 def load_model(model_dir: Path, config: ModelConfig) -> nn.Module:
-    """model.pt of a model folder in a fresh UNetV2 on the CPU, in eval mode, checked against `config`."""
+    """model.pt of a model folder in a fresh network of config.network on the CPU, in eval mode, checked
+    against `config`."""
     weights_path = model_dir / WEIGHTS_NAME
     if not weights_path.is_file():
         raise TaskError("the model's weights are missing: the folder needs model.pt from a train checkpoint",
@@ -88,6 +108,6 @@ def load_model(model_dir: Path, config: ModelConfig) -> nn.Module:
             f"predicts {head.shape[0]}: the two files come from different models",
             where=model_dir,
         )
-    model = build_model(config.num_classes)
+    model = create_network(config.network, config.num_classes)
     load_continue(model, state, where=weights_path)
     return model.eval()

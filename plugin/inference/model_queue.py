@@ -25,6 +25,7 @@ from plugin.inference import modes
 from plugin.inference.items import OutputPlan, ReadItem, decode, predicted_annotation
 from plugin.inference.predictor import Predictor
 from plugin.inference.task import batching, plan_output, predict
+from plugin.nn.network import network_record
 from plugin.settings import MATCH_ALL, Mode
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,8 @@ def answer(job: Job, prediction: modes.Prediction) -> dict:
 
 
 def model_info(predictor: Predictor) -> dict:
-    """GET /model/info: classes with colours, training input size and scale, modes with defaults, version."""
+    """GET /model/info: classes with colours, training input size and scale, the network, modes with
+    defaults, version."""
     return {
         "version": plugin.__version__,
         "classes": [
@@ -89,6 +91,8 @@ def model_info(predictor: Predictor) -> dict:
         "input_size": {"width": predictor.input_size[0], "height": predictor.input_size[1]},
         "scale": {"mode": predictor.scale.mode, "factor": predictor.scale.factor},
         "network": predictor.network.name,
+        # What the model is (nn.network.network_record): arch, encoder, size divisor, input normalisation.
+        "architecture": network_record(predictor.architecture),
         "modes": mode_defaults(),
     }
 

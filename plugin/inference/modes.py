@@ -126,12 +126,14 @@ def window_plan(
 ) -> tuple[tuple[int, int], tuple[int, int]]:
     """sliding_window's (width, height) and min_overlap (x, y) in image pixels, from the config's mode.
 
-    A window side left out (None) is that of the training window of a crop-trained model (its input
-    size at its training scale), else the legacy 128. An overlap axis left out is half the window.
-    A window that shows a crop-trained model the image at another scale than its training one gets a
-    warning naming both.
+    A window side left out (None) is that of the training window (the model's input at the scale
+    training presented images at: the crop factor, or the median input / image side of resize
+    training), else, for a checkpoint that does not record it, the legacy 128. An overlap axis left
+    out is half the window. A window that shows the model the image at another scale than training
+    did gets a warning naming both.
     """
-    default = predictor.window if predictor.scale.crops else LEGACY_WINDOW
+    trained = predictor.window
+    default = LEGACY_WINDOW if trained is None else trained
     size = (window[0] or default[0], window[1] or default[1])
     overlap = tuple(side // 2 if lap is None else lap for side, lap in zip(size, min_overlap))
     for axis, side, lap in (("x", size[0], overlap[0]), ("y", size[1], overlap[1])):
@@ -141,14 +143,14 @@ def window_plan(
                 "would be below 1",
                 where=f"mode.min_overlap.{axis}",
             )
-    if predictor.scale.crops and size != predictor.window:
-        in_w, in_h = predictor.input_size
+    if trained is not None and size != trained:
+        (in_w, in_h), (x, y) = predictor.input_size, predictor.training_scale
+        trained_at = f"{x:.3g}" if x == y else f"{x:.3g}x{y:.3g}"
         log.warning(
             f"mode.window {size[0]}x{size[1]} is resized to the model's {in_w}x{in_h} input, which shows it the "
             f"image at scale {in_w / size[0]:.3g}x{in_h / size[1]:.3g}, but it was trained at scale "
-            f"{predictor.scale.factor:g}; leave mode.window out to use the training window "
-            f"{predictor.window[0]}x{predictor.window[1]}",
-            extra={"window": list(size), "training_window": list(predictor.window)},
+            f"{trained_at}; leave mode.window out to use the training window {trained[0]}x{trained[1]}",
+            extra={"window": list(size), "training_window": list(trained)},
         )
     return size, overlap
 

@@ -18,14 +18,16 @@ import torch
 
 from plugin.errors import TaskError, require_extra
 from plugin.inference.model_dir import ModelConfig, class_color
-from plugin.nn.model import SIZE_DIVISOR
-from plugin.nn.preprocess import IMAGENET_MEAN, IMAGENET_STD, PAD_COLOR
+from plugin.nn.network import INPUT_NORMALIZATION, network_record, size_divisor
+from plugin.nn.preprocess import PAD_COLOR
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "probabilities"
 # Bumped when a key changes meaning, so that a consumer can refuse a file it does not understand.
 METADATA_VERSION = "1"
 # The keys whose values must match config.json (and this code's preprocessing) for the file to be run.
+# A file exported before networks could be chosen has no "network" key: it is a UNet v2, as its
+# config.json says when it has no record either.
 CHECKED_KEYS = ("classes", "input_size", "scale", "normalization")
 
 
@@ -42,11 +44,10 @@ def model_metadata(config: ModelConfig) -> dict[str, str]:
             "channels": "RGB",
             "layout": "NCHW",
             "formula": "(pixel / 255 - mean) / std",
-            # float32 values printed shortest, as nn/preprocess holds them
-            "mean": [float(str(m)) for m in IMAGENET_MEAN],
-            "std": [float(str(s)) for s in IMAGENET_STD],
+            **INPUT_NORMALIZATION,
         },
-        "size_divisor": SIZE_DIVISOR,
+        "size_divisor": size_divisor(config.network),
+        "network": network_record(config.network),
         "pad_color": list(PAD_COLOR),
     }
     return {key: json.dumps(value) for key, value in values.items()}

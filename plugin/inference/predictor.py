@@ -27,9 +27,8 @@ from plugin.nn.tiling import (
     network_probabilities,
     predict_tiled,
     resize_probabilities,
-    training_window,
 )
-from plugin.settings import BACKENDS, RESIZE, Scale
+from plugin.settings import BACKENDS, LEGACY_NETWORK, RESIZE, NetworkSpec, Scale
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +47,28 @@ class Predictor:
     out_classes: list[dict]  # {"title", "shape", "color", ...} as config.json lists them
     tta: tuple[str, ...] = ()  # FLIPS names whose flipped-back predictions are averaged in; () = one pass
     scale: Scale = RESIZE  # how training presented images; legacy checkpoints: resize
+    architecture: NetworkSpec = LEGACY_NETWORK  # what `network` runs, as config.json records it
+    presented_scale: tuple[float, float] | None = None  # ModelConfig.presented_scale
 
     @property
     def num_classes(self) -> int:
         return len(self.class_titles)
 
     @property
-    def window(self) -> tuple[int, int]:
-        """(width, height) in image pixels of one network input at the training scale (crop models)."""
-        return training_window(self.input_size, self.scale.factor)
+    def training_scale(self) -> tuple[float, float] | None:
+        """(x, y) scale at which training presented images: the record, else a crop model's factor; None
+        for a resize-trained checkpoint that predates the record."""
+        if self.presented_scale is None and self.scale.crops:
+            return self.scale.factor, self.scale.factor
+        return self.presented_scale
+
+    @property
+    def window(self) -> tuple[int, int] | None:
+        """(width, height) in image pixels of one network input at the training scale; None where unknown."""
+        if self.training_scale is None:
+            return None
+        (width, height), (x, y) = self.input_size, self.training_scale
+        return max(1, round(width / x)), max(1, round(height / y))
 
     def color_of(self, title: str) -> str:
         return class_color(self.out_classes, title)
@@ -92,7 +104,7 @@ class Predictor:
         a crop-trained model tiles each image with its training window, `windows_per_forward` at a time.
         """
         if self.scale.crops:
-            win_w, win_h = self.window
+            win_w, win_h = self.window  # known for every crop-trained model
             return [
                 predict_tiled(
                     self.probabilities, image, self.window, (win_w // 2, win_h // 2), windows_per_forward,
@@ -133,8 +145,10 @@ def load_predictor(
     titles = list(config.class_titles)
     log.info(
         f"model loaded: {config.num_classes} classes ({', '.join(titles)}), input {config.input_size[0]}x"
-        f"{config.input_size[1]}, trained on {config.scale.describe()}; predicting with {network.name}",
+        f"{config.input_size[1]}, {config.network.describe()} trained on {config.scale.describe()}; predicting "
+        f"with {network.name}",
         extra={"classes": titles, "scale": {"mode": config.scale.mode, "factor": config.scale.factor},
-               "backend": backend, "network": network.name},
+               "backend": backend, "network": network.name, "architecture": config.network.describe()},
     )
-    return Predictor(network, device, config.input_size, titles, list(config.out_classes), tta, config.scale)
+    return Predictor(network, device, config.input_size, titles, list(config.out_classes), tta, config.scale,
+                     config.network, config.presented_scale)

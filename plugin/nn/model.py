@@ -122,6 +122,8 @@ class Up(nn.Module):
 class UNetV2(nn.Module):
     """Input (B, 3, H, W) normalised RGB, H and W multiples of 16 -> logits (B, num_classes, H, W)."""
 
+    size_divisor = SIZE_DIVISOR
+
     def __init__(self, num_classes: int) -> None:
         super().__init__()
         if num_classes < 1:
@@ -148,7 +150,7 @@ class UNetV2(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input_size(x)
+        check_input_size(x, self.size_divisor)
         skips = []
         for block in self.encoder_blocks:
             x = block(x)
@@ -160,16 +162,16 @@ class UNetV2(nn.Module):
         return self.last_conv(x)
 
 
-def check_input_size(x: torch.Tensor) -> None:
-    """TaskError unless x is (B, 3, H, W) with H and W multiples of 16."""
+def check_input_size(x: torch.Tensor, divisor: int) -> None:
+    """TaskError unless x is (B, 3, H, W) with H and W multiples of `divisor`, the network's size_divisor."""
     if x.ndim != 4 or x.shape[1] != 3:
         raise TaskError(f"the model takes a (batch, 3, height, width) image tensor, got shape {tuple(x.shape)}",
                         where="model input")
     height, width = x.shape[-2:]
-    if height % SIZE_DIVISOR or width % SIZE_DIVISOR:
+    if height % divisor or width % divisor:
         raise TaskError(
             f"the model input is {height}x{width} (HxW); height and width must be multiples of "
-            f"{SIZE_DIVISOR} so that the decoder meets the encoder's skip connections",
+            f"{divisor} so that the decoder meets the encoder's skip connections",
             where="input_size",
         )
 

@@ -67,7 +67,7 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     bad = [f"{k!r} ({type(v).__name__})" for k, v in obj.items()
            if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if bad:
-        raise TaskError(f"not a plain state dict: entries that are not name -> tensor: {_short_list(bad)}",
+        raise TaskError(f"not a plain state dict: entries that are not name -> tensor: {short_list(bad)}",
                         where=path)
     if not obj:
         raise TaskError("the state dict is empty", where=path)
@@ -121,8 +121,8 @@ def load_transfer(model: nn.Module, sd: dict[str, torch.Tensor], where: str | os
     _check_shapes(own, take, where)
     if not take:
         raise TaskError("no tensor name in the weights matches the UNet v2 model (apart from last_conv), "
-                        f"e.g. {_short_list(list(sd))}; is this a UNet v2 or VGG16-BN weights file?", where=where)
-    missing = [n for n in own if n not in take and "last_conv" not in n and not _is_counter(n)]
+                        f"e.g. {short_list(list(sd))}; is this a UNet v2 or VGG16-BN weights file?", where=where)
+    missing = [n for n in own if n not in take and "last_conv" not in n and not is_counter(n)]
     extra = [n for n in sd if n not in own]
     if missing or extra:
         log.warning(
@@ -147,12 +147,12 @@ def load_continue(model: nn.Module, sd: dict[str, torch.Tensor], where: str | os
     sd = strip_module_prefix(sd)
     own = model.state_dict()
     extra = [n for n in sd if n not in own]
-    missing = [n for n in own if n not in sd and not _is_counter(n) and not n.startswith(UNUSED_PREFIX)]
+    missing = [n for n in own if n not in sd and not is_counter(n) and not n.startswith(UNUSED_PREFIX)]
     problems = []
     if missing:
-        problems.append(f"{len(missing)} model tensors are missing from the weights: {_short_list(missing)}")
+        problems.append(f"{len(missing)} model tensors are missing from the weights: {short_list(missing)}")
     if extra:
-        problems.append(f"{len(extra)} tensors in the weights are not in the model: {_short_list(extra)}")
+        problems.append(f"{len(extra)} tensors in the weights are not in the model: {short_list(extra)}")
     if problems:
         raise TaskError("cannot continue training from these weights: " + "; ".join(problems), where=where)
     _check_shapes(own, sd, where)
@@ -163,7 +163,7 @@ def _check_shapes(own: dict[str, torch.Tensor], sd: dict[str, torch.Tensor], whe
     bad = [f"{n}: weights {tuple(t.shape)} vs model {tuple(own[n].shape)}"
            for n, t in sd.items() if n in own and t.shape != own[n].shape]
     if bad:
-        raise TaskError(f"tensor shapes do not match the model: {_short_list(bad)}", where=where)
+        raise TaskError(f"tensor shapes do not match the model: {short_list(bad)}", where=where)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -176,11 +176,13 @@ def _is_tensor_dict(obj: dict) -> bool:
     return all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
 
 
-def _is_counter(name: str) -> bool:
+def is_counter(name: str) -> bool:
+    """Whether `name` is a BatchNorm `num_batches_tracked` counter, which does not affect the outputs."""
     return name.endswith(".num_batches_tracked")
 
 
-def _short_list(items: list[str]) -> str:
+def short_list(items: list[str]) -> str:
+    """The first few items, comma-separated, and how many more there are: for error messages."""
     head = ", ".join(items[:_LIST_LIMIT])
     return head + (f" and {len(items) - _LIST_LIMIT} more" if len(items) > _LIST_LIMIT else "")
 

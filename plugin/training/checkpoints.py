@@ -42,11 +42,14 @@ def legacy_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 @dataclass
 class CheckpointWriter:
     """Numbers checkpoints from 0 (or from where a resumed run left off), stages them in tmp/, tracks
-    the best validation loss, and keeps the best and the last `keep` folders when `keep` is set."""
+    the best validation loss, and keeps the best and the last `keep` folders when `keep` is set.
+    `model_record` is added to every config.json: what the train task knows of the model beyond the
+    settings (the network, the scale training presented images at)."""
 
     results_dir: Path
     staging_dir: Path
     keep: int | None = None
+    model_record: dict = field(default_factory=dict)
     next_id: int = 0
     best_loss: float = float("inf")
     best_subdir: str | None = None
@@ -80,7 +83,7 @@ class CheckpointWriter:
         try:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
-            write_json(staging / CONFIG_NAME, config)
+            write_json(staging / CONFIG_NAME, {**config, **self.model_record})
             save_file(staging / WEIGHTS_NAME, weights)
             sizeb = sum(f.stat().st_size for f in staging.iterdir())
             self.results_dir.mkdir(parents=True, exist_ok=True)

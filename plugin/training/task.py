@@ -6,27 +6,35 @@ torchrun) every rank runs the same flow; see loop.py for what the ranks share.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import secrets
+import statistics
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from plugin import agent_log
-from plugin.config import read_train_config
+from plugin.config import DEFAULT_NETWORK, read_train_config
 from plugin.errors import TaskError
 from plugin.format.classes import NEUTRAL_INDEX, ClassMapping, build_mapping, check_continue_training, titles_by_index
-from plugin.format.images import set_max_image_pixels
+from plugin.format.images import read_image_size, set_max_image_pixels
 from plugin.format.project import ProjectMeta, find_project, list_items, read_meta
 from plugin.jsonfile import read_json, refuse_symlink
 from plugin.nn.devices import WorldPlan, plan_world
 from plugin.nn.losses import resolve_class_weights
-from plugin.nn.model import build_model
+from plugin.nn.network import (
+    check_input_size,
+    create_network,
+    load_encoder_start,
+    network_record,
+    read_network_record,
+)
 from plugin.nn.weights import CONFIG_NAME, WEIGHTS_NAME, load_continue, load_state_dict, load_transfer
 from plugin.plots import write_curves
-from plugin.settings import Scale, TrainConfig
+from plugin.settings import LEGACY_NETWORK, NetworkChoice, NetworkSpec, Scale, TrainConfig
 from plugin.task_dir import TaskDir
 from plugin.training import distributed, stop
 from plugin.training.augment import build_augmenter
@@ -60,6 +68,7 @@ def train_task(task: TaskDir) -> TrainSummary:
             refuse_output_links(task)
             agent_log.add_log_file(task.tmp_dir / "train_log.jsonl")
         config = read_train_config(task.config_path)
+        config = dataclasses.replace(config, network=resolve_network(config, task.model_dir))
         world = plan_world(list(config.gpu_devices), config.cpu_processes)
         if world.world_size > 1 and not distributed.under_torchrun():
             log.info(f"training with {world.world_size} processes ({world.backend})",
@@ -83,6 +92,12 @@ def train_rank(ctx: DistContext, task: TaskDir, config: TrainConfig, world: Worl
     resume = distributed.broadcast_from_main(read_resume_state(task, config, run_fingerprint) if ctx.is_main else None)
     # A resumed run takes its weights from the state; model/ only starts a new one.
     initial_weights = None if resume else read_initial_weights(task.model_dir, config.weights_init_type, mapping)
+    # Before the masks, which can take minutes: a weights file that does not fit fails at once.
+    torch.manual_seed(config.seed)
+    model = create_network(config.network.spec, mapping.num_classes)
+    if initial_weights is None and resume is None:
+        load_encoder_start(model, config.network.spec, config.network.encoder_weights)
+    apply_initial_weights(model, initial_weights, config.weights_init_type, task.model_dir / WEIGHTS_NAME)
 
     # The node's local rank 0 draws the masks; the others wait for this run's token, then map its files.
     token = distributed.broadcast_from_main(secrets.token_hex(8))
@@ -109,12 +124,11 @@ def train_rank(ctx: DistContext, task: TaskDir, config: TrainConfig, world: Worl
         ),
     }
 
-    torch.manual_seed(config.seed)
-    model = build_model(mapping.num_classes)
-    apply_initial_weights(model, initial_weights, config.weights_init_type, task.model_dir / WEIGHTS_NAME)
     writer = save = redraw = None
     if ctx.is_main:
-        writer = CheckpointWriter(task.results_dir, task.tmp_dir / "checkpoints", config.keep_checkpoints)
+        record = {"network": network_record(config.network.spec),
+                  "presented_scale": presented_scale(config, train_data.items)}
+        writer = CheckpointWriter(task.results_dir, task.tmp_dir / "checkpoints", config.keep_checkpoints, record)
 
         def save(state: dict) -> int:
             return save_state(task.state_path, state, run_fingerprint)
@@ -132,6 +146,18 @@ def train_rank(ctx: DistContext, task: TaskDir, config: TrainConfig, world: Worl
     return summary
 
 
+def presented_scale(config: TrainConfig, items: list) -> dict[str, float]:
+    """The scale (x, y) at which training showed the network its images, recorded in each checkpoint so
+    that sliding_window shows it images at that scale too: the crop factor, or for whole images resized
+    to the input, the median of input side / image side over the train images (headers only)."""
+    if config.scale.crops:
+        return {"x": config.scale.factor, "y": config.scale.factor}
+    sizes = [read_image_size(item.image_path) for item in items]
+    width, height = config.input_size
+    return {"x": float(statistics.median(width / w for _h, w in sizes)),
+            "y": float(statistics.median(height / h for h, _w in sizes))}
+
+
 def write_progress(log_path: Path, out_path: Path) -> None:
     """Redraw the training curves of the run's log; a picture that cannot be drawn is a warning, never
     the end of a training run."""
@@ -147,6 +173,43 @@ def refuse_output_links(task: TaskDir) -> None:
     for path in (task.results_dir, task.tmp_dir, task.tmp_dir / "train_log.jsonl", task.tmp_dir / "checkpoints",
                  task.state_path.parent, task.state_path):
         refuse_symlink(path)
+
+
+def resolve_network(config: TrainConfig, model_dir: Path) -> NetworkChoice:
+    """The config's network section; without one, the network of the checkpoint in model/ (so that a
+    legacy config with a legacy model trains as it did), else DEFAULT_NETWORK. TaskError when model/
+    holds another network than the config asks for, or the input size does not fit the network."""
+    saved = model_network(model_dir)
+    choice = config.network
+    if choice is None:
+        default = NetworkChoice(NetworkSpec(DEFAULT_NETWORK["arch"], DEFAULT_NETWORK["encoder"]),
+                                DEFAULT_NETWORK["encoder_weights"])
+        choice = default if saved is None else NetworkChoice(saved, None)
+    elif saved is not None and saved != choice.spec:
+        raise TaskError(
+            f"the config asks for the {choice.spec.describe()} network, but model/ holds a {saved.describe()} "
+            f"checkpoint ({model_dir / WEIGHTS_NAME}), whose weights cannot go into it: leave network out of the "
+            "config to train model/'s network, or start without model/",
+            where="network",
+        )
+    check_input_size(choice.spec, config.input_size)
+    source = "model/" if config.network is None and saved is not None else (
+        "the config" if config.network is not None else "the default")
+    log.info(f"network: {choice.spec.describe()} (from {source})",
+             extra={"network": {"arch": choice.spec.arch, "encoder": choice.spec.encoder,
+                                "encoder_weights": choice.encoder_weights}})
+    return choice
+
+
+def model_network(model_dir: Path) -> NetworkSpec | None:
+    """The network of the checkpoint in model/, None without model.pt; weights without a config.json
+    are the legacy network's, as the legacy platform supplied them."""
+    if not (model_dir / WEIGHTS_NAME).is_file():
+        return None
+    config_path = model_dir / CONFIG_NAME
+    if not config_path.is_file():
+        return LEGACY_NETWORK
+    return read_network_record(read_json(config_path), config_path)
 
 
 def read_resume_state(task: TaskDir, config: TrainConfig, run_fingerprint: Fingerprint) -> dict | None:
@@ -176,7 +239,8 @@ def read_initial_weights(model_dir: Path, init_type: str, mapping: ClassMapping)
                 f"{weights_path} does not exist",
                 where="weights_init_type",
             )
-        log.info("no model/ weights in the task dir: the network starts from a random initialisation")
+        log.info("no model/ weights in the task dir: the network starts from network.encoder_weights (its "
+                 "encoder) and a random initialisation")
         return None
     if init_type == "continue_training":
         config_path = model_dir / CONFIG_NAME
