@@ -27,6 +27,7 @@ demo: venv
 
 bench: venv
 	$(PY) -m benchmarks.run
+	$(PY) -m benchmarks.networks
 	$(PY) -m benchmarks.masks
 	$(PY) -m benchmarks.onnx
 	$(PY) -m benchmarks.serve --size 256 --input-size 64

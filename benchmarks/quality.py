@@ -48,7 +48,11 @@ ENCODERS = ("efficientnet_lite0", "resnet18", "resnet34")
 
 def recipes() -> dict[str, tuple[dict, float]]:
     """name -> (config keys over COMMON and the defaults, minutes of training)."""
-    table: dict[str, tuple[dict, float]] = {"default": ({}, NETWORK_MINUTES)}
+    table: dict[str, tuple[dict, float]] = {
+        "default": ({}, NETWORK_MINUTES),
+        # The measurement behind the default scale.mode: the default with native-scale crops.
+        "default-crop": ({"scale": {"mode": "crop", "factor": 1.0}}, NETWORK_MINUTES),
+    }
     for encoder in ENCODERS:
         for weights in ("imagenet", None):
             name = f"{encoder}-{weights or 'random'}"

@@ -120,6 +120,7 @@ def test_model_info(server, checkpoint):
     assert all(c["color"] == colors[c["title"]] for c in info["classes"])
     assert info["input_size"] == {"width": 64, "height": 64}
     assert info["scale"] == {"mode": "resize", "factor": 1.0}
+    assert info["architecture"] == config["network"] and info["architecture"]["encoder"] == "efficientnet_lite0"
     assert info["modes"] == mode_defaults() and set(info["modes"]) == set(MODES)
     assert info["version"] == __import__("plugin").__version__
 

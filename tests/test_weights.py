@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import re
 from collections import OrderedDict
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from torch import nn
 
 from plugin.errors import TaskError
 from plugin.nn.model import UNetV2
-from plugin.nn.network import create_network
+from plugin.nn.network import create_network, load_encoder_start
 from plugin.settings import LEGACY_NETWORK
 from plugin.nn.weights import (
     load_continue,
@@ -225,3 +226,23 @@ def test_unreadable_and_missing_files(tmp_path: Path) -> None:
         load_state_dict(garbage)
     with pytest.raises(TaskError, match="weights file not found"):
         load_state_dict(tmp_path / "absent.pt")
+
+
+def test_unet_v2_starts_from_a_torchvision_vgg16_bn_file(tmp_path):
+    # torchvision's names (features.{k}.*, classifier.*) of a VGG16-BN, here made from another UNet v2's
+    # encoder: network.encoder_weights fills the encoder with them, strictly, and nothing else.
+    source = create_network(LEGACY_NETWORK, 3)
+    vgg = {re.sub(r"^encoder_blocks\.\d+\.", "features.", name): tensor
+           for name, tensor in source.state_dict().items() if name.startswith("encoder_blocks.")}
+    vgg["classifier.0.weight"] = torch.zeros(4096, 25088)
+    torch.save(vgg, tmp_path / "vgg16_bn.pth")
+    model = create_network(LEGACY_NETWORK, 2)
+    decoder_before = model.last_conv.weight.clone()
+    load_encoder_start(model, LEGACY_NETWORK, str(tmp_path / "vgg16_bn.pth"))
+    for name, tensor in model.encoder_blocks.state_dict().items():
+        assert torch.equal(tensor, source.encoder_blocks.state_dict()[name]), name
+    assert torch.equal(model.last_conv.weight, decoder_before)
+    del vgg["features.40.weight"]
+    torch.save(vgg, tmp_path / "vgg16_bn.pth")
+    with pytest.raises(TaskError, match=r"vgg16_bn.pth: these weights are not vgg16_bn's: 1 missing tensors \(4.40.weight"):
+        load_encoder_start(model, LEGACY_NETWORK, str(tmp_path / "vgg16_bn.pth"))

@@ -1,4 +1,4 @@
-"""Reading weight files safely and loading them into UNetV2 for transfer learning or continued training.
+"""Reading weight files safely and loading them into a network for transfer learning or continued training.
 
 Files are read with `torch.load(weights_only=True, map_location="cpu")`: the restricted unpickler
 refuses any pickled object other than tensors and plain containers *before* constructing it, so no
@@ -120,8 +120,9 @@ def load_transfer(model: nn.Module, sd: dict[str, torch.Tensor], where: str | os
     take = {n: t for n, t in sd.items() if n in own and "last_conv" not in n}
     _check_shapes(own, take, where)
     if not take:
-        raise TaskError("no tensor name in the weights matches the UNet v2 model (apart from last_conv), "
-                        f"e.g. {short_list(list(sd))}; is this a UNet v2 or VGG16-BN weights file?", where=where)
+        raise TaskError("no tensor name in the weights matches the model (apart from last_conv), "
+                        f"e.g. {short_list(list(sd))}; is this a checkpoint of the same network (or, for UNet v2, "
+                        "a VGG16-BN weights file)?", where=where)
     missing = [n for n in own if n not in take and "last_conv" not in n and not is_counter(n)]
     extra = [n for n in sd if n not in own]
     if missing or extra:
