@@ -12,13 +12,14 @@ def train_epochs(run) -> list[float]:
 
 
 def test_the_time_budget_ends_the_run_with_a_marked_checkpoint_and_exit_0(tmp_path):
-    # 50 epochs would take minutes; a 0.1-minute budget stops after a few steps.
-    config = dict(TINY_CONFIG, epochs=50, val_every=10, time_budget_minutes=0.1)
+    # 1000 epochs would take many minutes; a 0.1-minute budget stops after a few steps, before any
+    # planned validation.
+    config = dict(TINY_CONFIG, epochs=1000, val_every=1000, time_budget_minutes=0.1)
     run = run_entrypoint("entrypoints.train", make_task(tmp_path / "task", config))
     assert run.returncode == 0, run.stderr[-3000:]
     checkpoints = run.events("CHECKPOINT")
     assert len(checkpoints) == 1 and checkpoints[0]["optional"]["end"] == "time_budget"
-    assert checkpoints[0]["optional"]["epoch"] == train_epochs(run)[-1] < 50
+    assert checkpoints[0]["optional"]["epoch"] == train_epochs(run)[-1] < 1000
     assert any(line["message"].startswith("time_budget_minutes: the next iteration would not finish in time")
                for line in run.lines)
     # Training, the final validation and checkpoint included, kept to the budget: 6 s, and a margin for

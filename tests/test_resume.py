@@ -24,6 +24,9 @@ from tests.conftest import REPO, TINY_CONFIG, Run, make_task, run_entrypoint
 
 # 4 train images, batch 2: 2 iterations an epoch; a checkpoint after each epoch.
 THREE_EPOCHS = dict(TINY_CONFIG, epochs=3, val_every=1)
+# The tests that signal a run mid-way need steps and state writes that take longer than the test's
+# reaction: the legacy network's (about 0.5 s a 64 px step, a 506 MB state), not the default's (tens of ms).
+SLOW_NETWORK = {"arch": "unet_v2"}
 
 
 class Training:
@@ -127,7 +130,10 @@ def test_sigkill_after_a_checkpoint_then_resume_ends_bitwise_equal(tmp_path):
 
 
 def test_sigterm_stops_a_256px_step_with_workers_inside_the_grace_period_and_resumes(tmp_path):
-    config = dict(TINY_CONFIG, input_size={"width": 256, "height": 256}, data_workers={"train": 2, "val": 1})
+    # The legacy network's 256 px step takes seconds on a CPU, so the second one is surely in flight when
+    # the signal comes.
+    config = dict(TINY_CONFIG, input_size={"width": 256, "height": 256}, data_workers={"train": 2, "val": 1},
+                  network=SLOW_NETWORK)
     task = make_task(tmp_path / "task", config, size=256)
     run = Training(task)
     run.until(is_train_step(0.5))  # the second step is in flight from here
@@ -153,7 +159,7 @@ def test_sigterm_stops_a_256px_step_with_workers_inside_the_grace_period_and_res
 
 
 def test_a_second_signal_while_the_state_is_written_keeps_the_previous_state(tmp_path):
-    task = make_task(tmp_path / "task", THREE_EPOCHS)
+    task = make_task(tmp_path / "task", dict(THREE_EPOCHS, network=SLOW_NETWORK))
     run = Training(task)
     run.until(is_checkpoint(0))
     before = {"state": digest(state_path(task)), "checkpoint": digest(task / "results" / "00000000" / "model.pt")}
@@ -177,7 +183,7 @@ def test_a_second_signal_while_the_state_is_written_keeps_the_previous_state(tmp
 
 
 def test_sigterm_reaches_every_rank_and_the_state_resumes_with_one_process(tmp_path):
-    two = dict(THREE_EPOCHS, epochs=2, batch_size={"train": 1, "val": 1}, cpu_processes=2)
+    two = dict(THREE_EPOCHS, epochs=2, batch_size={"train": 1, "val": 1}, cpu_processes=2, network=SLOW_NETWORK)
     task = make_task(tmp_path / "task", two)
     run = Training(task)
     run.until(is_train_step(1.5))
@@ -199,7 +205,7 @@ def test_sigterm_reaches_every_rank_and_the_state_resumes_with_one_process(tmp_p
 
 
 def test_sigterm_to_torchrun_stops_every_worker_and_rank_0_writes_the_state(tmp_path):
-    task = make_task(tmp_path / "task", dict(THREE_EPOCHS, batch_size={"train": 1, "val": 1}))
+    task = make_task(tmp_path / "task", dict(THREE_EPOCHS, batch_size={"train": 1, "val": 1}, network=SLOW_NETWORK))
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     run = Training(task, launcher=(torchrun, "--nproc-per-node", "2"))
     run.until(is_train_step(1.5))
