@@ -26,9 +26,8 @@ from plugin.config import read_train_config
 from plugin.format.classes import ClassMapping
 from plugin.format.project import list_items
 from plugin.nn.network import create_network
-from plugin.settings import LEGACY_NETWORK
 from plugin.nn.precision import Precision, prepare_model, resolve_precision
-from plugin.settings import TrainConfig
+from plugin.settings import LEGACY_NETWORK, TrainConfig
 from plugin.synthetic import make_project
 from plugin.task_dir import TaskDir
 from plugin.training.data import SegmentationDataset, loader_workers, make_loader

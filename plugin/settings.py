@@ -136,7 +136,7 @@ class TrainConfig:
     log_every_s: float | None
     log_every_iterations: int | None
     # None until the train task resolves it: a config without a network section takes model/'s network,
-    # or the default one (config.resolve_network).
+    # or the default one (training.task.resolve_network).
     network: NetworkChoice | None
     raw: dict = field(compare=False, repr=False)
 

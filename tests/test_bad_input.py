@@ -9,6 +9,9 @@ import cv2
 import pytest
 import torch
 
+from plugin.nn.encoders import create_encoder
+from plugin.nn.network import create_network, network_record
+from plugin.settings import LEGACY_NETWORK, NetworkSpec
 from tests.conftest import TINY_CONFIG, make_task, run_entrypoint
 
 
@@ -117,8 +120,6 @@ def missing_weights_file(task: Path) -> str:
 
 def weights_of_another_encoder(task: Path) -> str:
     # resnet18's names and shapes, given to a resnet34: its extra blocks are missing.
-    from plugin.nn.encoders import create_encoder
-
     torch.save(create_encoder("resnet18").state_dict(), task / "r18.pth")
     write_config(task, network={"encoder": "resnet34", "encoder_weights": str(task / "r18.pth")})
     return f"{task / 'r18.pth'}: these weights are not resnet34's: 80 missing tensors (layer1.2.conv1.weight"
@@ -131,9 +132,6 @@ def input_size_off_the_network_stride(task: Path) -> str:
 
 
 def model_of_another_network(task: Path) -> str:
-    from plugin.nn.network import create_network, network_record
-    from plugin.settings import LEGACY_NETWORK, NetworkSpec
-
     (task / "model").mkdir()
     torch.save(create_network(NetworkSpec("unet", "resnet18"), 4).state_dict(), task / "model" / "model.pt")
     (task / "model" / "config.json").write_text(json.dumps({

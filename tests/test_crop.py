@@ -22,10 +22,9 @@ from plugin.inference.predictor import Predictor, load_predictor
 from plugin.inference.task import infer_task
 from plugin.jsonfile import read_json, write_json
 from plugin.nn.network import create_network
-from plugin.settings import LEGACY_NETWORK
 from plugin.nn.preprocess import PAD_COLOR, normalize, resize_image
 from plugin.nn.tiling import TorchNetwork, training_window
-from plugin.settings import Scale
+from plugin.settings import LEGACY_NETWORK, Scale
 from plugin.task_dir import TaskDir
 from plugin.training.crops import crop_origin, cut
 from plugin.training.data import WholeImageDataset, split_items

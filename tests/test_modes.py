@@ -16,8 +16,7 @@ from plugin.inference import modes
 from plugin.inference.predictor import Predictor
 from plugin.nn import tiling
 from plugin.nn.network import create_network
-from plugin.settings import LEGACY_NETWORK
-from plugin.settings import tta_flips
+from plugin.settings import LEGACY_NETWORK, tta_flips
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ from plugin.nn.pretrained import (
     imagenet_state_dict,
     load_encoder_weights,
 )
+from tests.test_weights import CreatesMarker
 
 
 class ToyEncoder(nn.Module):
@@ -41,16 +42,6 @@ class ToyClassifier(ToyEncoder):
     def __init__(self) -> None:
         super().__init__()
         self.head = nn.Linear(4, 10)
-
-
-class CreatesMarker:
-    """Unpickling this calls open(marker, "w"): a stand-in for a malicious payload."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (str(self.marker), "w"))
 
 
 class Server:

@@ -8,8 +8,8 @@ maps onto timm's.
 
 Every encoder takes images normalised with the ImageNet mean and std (the product's one
 preprocessing path) and returns its feature maps at strides 2, 4, 8, 16 and 32, with `channels`
-giving their channel counts. An encoder whose weights expect another normalisation converts its
-input itself; `native_mean` and `native_std` say what its weights expect, for the checkpoint.
+giving their channel counts. An encoder whose weights expect another normalisation (Lite0's
+`native_mean`, `native_std`) converts its input itself.
 """
 
 from __future__ import annotations
@@ -74,10 +74,8 @@ class BasicBlock(nn.Module):
 
 
 class ResNetEncoder(nn.Module):
-    """torchvision's ResNet with BasicBlocks, up to layer4 (no pooling, no `fc`)."""
-
-    native_mean = _IMAGENET_MEAN
-    native_std = _IMAGENET_STD
+    """torchvision's ResNet with BasicBlocks, up to layer4 (no pooling, no `fc`); its weights expect the
+    ImageNet normalisation the product feeds."""
 
     def __init__(self, depths: tuple[int, int, int, int]) -> None:
         super().__init__()

@@ -45,7 +45,7 @@ def size_divisor(spec: NetworkSpec) -> int:
     return UNetV2.size_divisor if spec.arch == "unet_v2" else UNet.size_divisor
 
 
-def check_input_size(spec: NetworkSpec, input_size: tuple[int, int]) -> None:
+def check_input_size_fits(spec: NetworkSpec, input_size: tuple[int, int]) -> None:
     """TaskError (input_size) unless both sides are multiples of the network's size divisor."""
     divisor = size_divisor(spec)
     bad = [f"{name} {side}" for name, side in zip(("width", "height"), input_size) if side % divisor]

@@ -26,7 +26,7 @@ from plugin.jsonfile import read_json, refuse_symlink
 from plugin.nn.devices import WorldPlan, plan_world
 from plugin.nn.losses import resolve_class_weights
 from plugin.nn.network import (
-    check_input_size,
+    check_input_size_fits,
     create_network,
     load_encoder_start,
     network_record,
@@ -180,21 +180,22 @@ def resolve_network(config: TrainConfig, model_dir: Path) -> NetworkChoice:
     legacy config with a legacy model trains as it did), else DEFAULT_NETWORK. TaskError when model/
     holds another network than the config asks for, or the input size does not fit the network."""
     saved = model_network(model_dir)
-    choice = config.network
-    if choice is None:
-        default = NetworkChoice(NetworkSpec(DEFAULT_NETWORK["arch"], DEFAULT_NETWORK["encoder"]),
-                                DEFAULT_NETWORK["encoder_weights"])
-        choice = default if saved is None else NetworkChoice(saved, None)
-    elif saved is not None and saved != choice.spec:
-        raise TaskError(
-            f"the config asks for the {choice.spec.describe()} network, but model/ holds a {saved.describe()} "
-            f"checkpoint ({model_dir / WEIGHTS_NAME}), whose weights cannot go into it: leave network out of the "
-            "config to train model/'s network, or start without model/",
-            where="network",
-        )
-    check_input_size(choice.spec, config.input_size)
-    source = "model/" if config.network is None and saved is not None else (
-        "the config" if config.network is not None else "the default")
+    if config.network is not None:
+        choice, source = config.network, "the config"
+        if saved is not None and saved != choice.spec:
+            raise TaskError(
+                f"the config asks for the {choice.spec.describe()} network, but model/ holds a {saved.describe()} "
+                f"checkpoint ({model_dir / WEIGHTS_NAME}), whose weights cannot go into it: leave network out of "
+                "the config to train model/'s network, or start without model/",
+                where="network",
+            )
+    elif saved is not None:
+        choice, source = NetworkChoice(saved, None), "model/"
+    else:
+        choice = NetworkChoice(NetworkSpec(DEFAULT_NETWORK["arch"], DEFAULT_NETWORK["encoder"]),
+                               DEFAULT_NETWORK["encoder_weights"])
+        source = "the default"
+    check_input_size_fits(choice.spec, config.input_size)
     log.info(f"network: {choice.spec.describe()} (from {source})",
              extra={"network": {"arch": choice.spec.arch, "encoder": choice.spec.encoder,
                                 "encoder_weights": choice.encoder_weights}})
