@@ -33,8 +33,8 @@ from plugin import agent_log
 from plugin.format.images import read_image
 from plugin.inference.predictor import Predictor, load_predictor
 from plugin.inference.task import infer_task
-from plugin.nn.network import create_network
-from plugin.settings import LEGACY_NETWORK
+from plugin.nn.network import create_network, network_record
+from plugin.settings import DEFAULT_NETWORK
 from plugin.nn.tiling import network_inputs, pad_to, window_starts
 from plugin.task_dir import TaskDir
 
@@ -45,7 +45,7 @@ NUM_CLASSES = 5
 
 
 def make_task(root: Path, images: int, size: int, input_size: int, mode: dict, seed: int = 0) -> TaskDir:
-    """A task dir: `images` smooth random size x size JPEGs without objects, a seeded legacy-style model
+    """A task dir: `images` smooth random size x size JPEGs without objects, a seeded model of the default network
     (no scale record: whole images resized to input_size) and `mode` as the inference config."""
     rng = np.random.default_rng(seed)
     shutil.rmtree(root, ignore_errors=True)
@@ -61,10 +61,11 @@ def make_task(root: Path, images: int, size: int, input_size: int, mode: dict, s
     torch.manual_seed(seed)
     model_dir = root / "model"
     model_dir.mkdir()
-    torch.save(create_network(LEGACY_NETWORK, NUM_CLASSES).state_dict(), model_dir / "model.pt")
+    torch.save(create_network(DEFAULT_NETWORK.spec, NUM_CLASSES).state_dict(), model_dir / "model.pt")
     titles = ["bg"] + [f"class_{i}" for i in range(1, NUM_CLASSES)]
     config = {
         "settings": {"input_size": {"width": input_size, "height": input_size}},
+        "network": network_record(DEFAULT_NETWORK.spec),
         "class_title_to_idx": {t: i for i, t in enumerate(titles)},
         "out_classes": [{"title": t, "shape": "bitmap", "color": "#FF0000"} for t in titles],
     }

@@ -15,15 +15,14 @@ import time
 
 import torch
 
-from plugin.config import DEFAULT_NETWORK
 from plugin.format.classes import NEUTRAL_INDEX
 from plugin.nn.losses import segmentation_loss
 from plugin.nn.network import create_network
 from plugin.nn.precision import Precision, prepare_model, resolve_precision
-from plugin.settings import LEGACY_NETWORK, NetworkSpec
+from plugin.settings import DEFAULT_NETWORK, LEGACY_NETWORK, NetworkSpec
 
 NETWORKS = {
-    "unet/efficientnet_lite0 (default)": NetworkSpec("unet", DEFAULT_NETWORK["encoder"]),
+    "unet/efficientnet_lite0 (default)": DEFAULT_NETWORK.spec,
     "unet/resnet18": NetworkSpec("unet", "resnet18"),
     "unet/resnet34": NetworkSpec("unet", "resnet34"),
     "unet_v2 (legacy)": LEGACY_NETWORK,

@@ -24,7 +24,7 @@ import torch
 from plugin.config import read_train_config
 from plugin.demo import DEMO_CONFIG, make_demo_task
 from plugin.nn.network import create_network
-from plugin.settings import LEGACY_NETWORK
+from plugin.settings import DEFAULT_NETWORK
 from plugin.synthetic import make_project
 from plugin.training.schedule import build_optimizer
 from plugin.training.state import Fingerprint, save_state
@@ -74,7 +74,7 @@ def bench_stop(tmp: Path, size: int, repeats: int) -> tuple[float, int]:
 
 def bench_state_write(tmp: Path, writes: int) -> float:
     """Median seconds of one resume-state write (synced), for the model and an optimizer that has stepped."""
-    model = create_network(LEGACY_NETWORK, 4)
+    model = create_network(DEFAULT_NETWORK.spec, 4)
     config = read_train_config(_config_file(tmp))
     optimizer = build_optimizer(model, config)
     model(torch.randn(1, 3, 64, 64)).sum().backward()

@@ -39,7 +39,7 @@ from plugin.format.project import list_items, read_meta
 from plugin.nn.devices import WorldPlan
 from plugin.nn.losses import segmentation_loss
 from plugin.nn.network import create_network
-from plugin.settings import LEGACY_NETWORK
+from plugin.settings import DEFAULT_NETWORK
 from plugin.training import distributed
 from plugin.training.data import CorruptionBudget, SegmentationDataset, make_loader, prepare_masks
 
@@ -110,7 +110,7 @@ def bench_loader_vs_step(project: Path, size: int, batch: int, workers: int, ste
             seen += len(images)
     load_rate = seen / (time.perf_counter() - start)
 
-    model = create_network(LEGACY_NETWORK, mapping.num_classes)
+    model = create_network(DEFAULT_NETWORK.spec, mapping.num_classes)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     images, targets = next(iter(loader))
     model.train()
@@ -147,7 +147,7 @@ def _ddp_rank(ctx: distributed.DistContext, size: int, batch: int, steps: int) -
     torch.manual_seed(ctx.rank)
     images, targets = torch.randn(batch, 3, size, size), torch.randint(0, 4, (batch, size, size))
     torch.manual_seed(0)
-    model = create_network(LEGACY_NETWORK, 4)
+    model = create_network(DEFAULT_NETWORK.spec, 4)
     net = distributed.wrap_model(model, torch.device("cpu"), ctx, sync_batchnorm=False)
     comm = {"seconds": 0.0}
     if ctx.world_size > 1:

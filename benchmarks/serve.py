@@ -2,7 +2,7 @@
 
 Each client sends one image with full_image as fast as the answers come, for a fixed time; printed:
 requests/s over all clients, and the p50 and p99 latency of a request (sent to answered), with the
-command that reproduces them. The model is a seeded legacy-style one (benchmarks/inference.make_task).
+command that reproduces them. The model is a seeded one of the default network (benchmarks/inference.make_task).
 
 `.venv/bin/python -m benchmarks.serve [--clients 8] [--seconds 20] [--size 512] [--input-size 256]`
 """

@@ -27,7 +27,7 @@ from plugin.format.classes import ClassMapping
 from plugin.format.project import list_items
 from plugin.nn.network import create_network
 from plugin.nn.precision import Precision, prepare_model, resolve_precision
-from plugin.settings import LEGACY_NETWORK, TrainConfig
+from plugin.settings import DEFAULT_NETWORK, TrainConfig
 from plugin.synthetic import make_project
 from plugin.task_dir import TaskDir
 from plugin.training.data import SegmentationDataset, loader_workers, make_loader
@@ -104,7 +104,7 @@ def time_fit(task: Path, device: torch.device) -> tuple[float, float, int]:
     events.addHandler(ends)
     try:
         torch.manual_seed(0)
-        fit(create_network(LEGACY_NETWORK, mapping.num_classes), loaders, config, mapping, device, writer=None)
+        fit(create_network(DEFAULT_NETWORK.spec, mapping.num_classes), loaders, config, mapping, device, writer=None)
     finally:
         events.removeHandler(ends)
     # The last epoch: loader workers and allocator warm, no validation inside it.
@@ -118,7 +118,7 @@ def time_bare(task: Path, device: torch.device, precision: Precision, compile_: 
     loader = make_loader(train, config.batch_size.train, 0, sampler=EpochSampler(len(train), 0, 1, config.seed))
     batches = [(x.to(device), y.to(device)) for x, y in loader]
     torch.manual_seed(0)
-    model = prepare_model(create_network(LEGACY_NETWORK, mapping.num_classes).to(device), precision)
+    model = prepare_model(create_network(DEFAULT_NETWORK.spec, mapping.num_classes).to(device), precision)
     net = torch.compile(model) if compile_ else model
     optimizer = build_optimizer(model, config)
     compute_loss = loss_fn(config, mapping.num_classes)
