@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-.PHONY: venv test demo bench bench-masks bench-quality clean train-image inference-image serve-image images image-test
+.PHONY: venv sdk-venv test test-sdk demo bench bench-masks bench-quality clean train-image inference-image serve-image images image-test
 
 venv: $(VENV)/.installed
 
@@ -19,8 +19,26 @@ $(VENV)/.installed: setup.py
 
 # pytest exits 5 when it collected no test: that is a failure here, not a pass.
 test: venv
-	@$(PY) -m pytest tests; rc=$$?; \
+	@$(PY) -m pytest tests -m "not sdk"; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: no tests were collected" >&2; exit 1; fi; exit $$rc
+
+# The Supervisely SDK (its serving clients, the masks benchmark's reference) in a venv of its own:
+# never a dependency of ours. Built once; a warm run reuses it.
+SDK_VENV ?= build/sdk-venv
+SDK_SPEC ?= supervisely==6.74.51
+
+sdk-venv: $(SDK_VENV)/.installed
+
+$(SDK_VENV)/.installed:
+	$(PYTHON) -m venv $(SDK_VENV)
+	$(SDK_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(SDK_VENV)/bin/python -m pip install --quiet "$(SDK_SPEC)"
+	touch $@
+
+# The SDK's Session and ModelAPI clients against `sly-unet serve` (tests marked sdk).
+test-sdk: venv sdk-venv
+	@$(PY) -m pytest tests -m sdk; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test-sdk: no tests were collected" >&2; exit 1; fi; exit $$rc
 
 demo: venv
 	$(VENV)/bin/sly-unet demo --out build/demo
@@ -34,8 +52,8 @@ bench: venv
 
 # The masks command against the Supervisely SDK (its venv: see benchmarks/masks.py) and the training
 # mask cache on 10,000 generated annotations.
-bench-masks: venv
-	$(PY) -m benchmarks.masks
+bench-masks: venv sdk-venv
+	$(PY) -m benchmarks.masks --sdk-python $(SDK_VENV)/bin/python
 
 # Model quality on ../shared/data/isbi2012-membranes: default vs legacy recipe (about 30 minutes of
 # training each on 2 cores).

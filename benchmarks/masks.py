@@ -2,10 +2,10 @@
 mask cache (cold and warm preparation, memory per rank), each figure printed with the command that
 reproduces it.
 
-    .venv/bin/python -m benchmarks.masks [--sdk-python /tmp/sdk-venv/bin/python] [--images 10000]
+    .venv/bin/python -m benchmarks.masks [--sdk-python build/sdk-venv/bin/python] [--images 10000]
 
-The SDK (6.74.51, no torch) goes into a venv of its own: python3 -m venv /tmp/sdk-venv &&
-/tmp/sdk-venv/bin/pip install supervisely==6.74.51. Without it the comparison is skipped, saying so.
+The SDK (6.74.51, no torch) goes into a venv of its own, build/sdk-venv (`make sdk-venv`).
+Without it the comparison is skipped, saying so.
 Every time is wall-clock; CPU seconds (user + system, the process and the children it waited for)
 are printed beside it, since on a shared machine they depend less on the other load. Memory is each
 process's own: VmHWM, RssAnon, RssFile and Pss from /proc/self at its end, in a fresh process (a
@@ -214,7 +214,7 @@ def _meet(folder: Path, stage: str, rank: int, ranks: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sdk-python", default="/tmp/sdk-venv/bin/python", help="the SDK venv's interpreter")
+    parser.add_argument("--sdk-python", default="build/sdk-venv/bin/python", help="the SDK venv's interpreter")
     parser.add_argument("--sdk-images", type=int, default=600, help="annotations of the SDK comparison")
     parser.add_argument("--workers", default="auto", help="--workers of the masks command")
     parser.add_argument("--before", type=Path, help="an older source tree whose masks command is timed alongside")

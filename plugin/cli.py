@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from plugin import agent_log
-from plugin.errors import Stopped
+from plugin.errors import Stopped, TaskError
 
 log = logging.getLogger(__name__)
 
@@ -39,31 +39,47 @@ def _infer(args: argparse.Namespace) -> None:
 def _serve(args: argparse.Namespace) -> None:
     import os
 
-    from plugin.inference.serve import ServeOptions, serve
+    from plugin.inference.serve import serve
+    from plugin.inference.serving import ServeOptions
     from plugin.task_dir import DEFAULT_TASK_DIR, TASK_DIR_ENV
 
     # No task dir is needed, only its model/: a missing one is the loader's error naming the files.
     task_dir = Path(os.environ.get(TASK_DIR_ENV) or DEFAULT_TASK_DIR)
     serve(ServeOptions(
-        Path(args.model) if args.model else task_dir / "model", args.host, args.port, args.device, args.amp, args.backend, args.queue_size,
-        args.max_request_bytes, args.max_image_pixels, args.drain_seconds,
+        Path(args.model) if args.model else task_dir / "model", args.host, args.port, args.device, args.amp,
+        _backend(args), args.queue_size, args.max_request_bytes, args.max_image_pixels, args.drain_seconds,
+        args.max_batch_files, args.max_async_requests, args.async_ttl_seconds, args.allow_url_fetch,
+        args.url_timeout_seconds,
     ))
 
 
 def _predict(args: argparse.Namespace) -> None:
     import json
 
-    from plugin.inference.client import Client
     from plugin.jsonfile import parse_json, read_json, write_json
 
     mode = None if args.mode is None else parse_json(args.mode, "--mode")
+    if args.model is not None:
+        from plugin.inference.predict_local import predict_local
+
+        output = Path(args.output or "predictions")
+        summary = predict_local([Path(p) for p in args.input], Path(args.model), output, mode, args.device,
+                                _backend(args), args.amp)
+        log.info(f"wrote {summary.output_dir} ({summary.images} images, {summary.objects} objects added)",
+                 extra={"output_project": str(summary.output_dir)})
+        return
+    from plugin.inference.client import Client
+
+    if len(args.input) != 1:
+        raise TaskError(f"a server predicts one image per call, not {len(args.input)}; predict a folder with "
+                        "--model instead of --url", where="INPUT")
     annotation = None if args.annotation is None else read_json(Path(args.annotation))
-    result = Client(args.url).predict(Path(args.image), mode, annotation, args.confidence)
-    if args.out is None:
+    result = Client(args.url).predict(Path(args.input[0]), mode, annotation, args.confidence)
+    if args.output is None:
         print(json.dumps(result))
         return
-    write_json(Path(args.out), result)
-    log.info(f"wrote {args.out} ({len(result['objects'])} objects)", extra={"objects": len(result["objects"])})
+    write_json(Path(args.output), result)
+    log.info(f"wrote {args.output} ({len(result['objects'])} objects)", extra={"objects": len(result["objects"])})
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -157,6 +173,40 @@ def _workers(text: str) -> str:
     return text
 
 
+def _device(text: str) -> int | None:
+    """--device: "cpu" (None), "cuda" or "cuda:N" as the SDK spells it, or a CUDA index N."""
+    if text == "cpu":
+        return None
+    index = {"cuda": "0"}.get(text, text.removeprefix("cuda:"))
+    if not index.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not cpu, cuda, cuda:N or a device index N")
+    return int(index)
+
+
+# The SDK's --runtime names, beside our --backend names.
+RUNTIMES = {"PyTorch": "torch", "ONNXRuntime": "onnxruntime"}
+
+
+def _backend(args: argparse.Namespace) -> str:
+    return RUNTIMES[args.runtime] if args.runtime is not None else args.backend
+
+
+def _add_model_options(parser: argparse.ArgumentParser, model_help: str | None) -> None:
+    """The options that say how a model is loaded: --model (unless the command has its own), --device,
+    --amp, --backend / --runtime."""
+    if model_help is not None:
+        parser.add_argument("--model", help=f"model directory: config.json and model.pt of a train checkpoint {model_help}")
+    parser.add_argument("--device", type=_device, default=0,
+                        help="cpu, cuda, cuda:N or N (default: 0, the first CUDA device; the CPU without CUDA)")
+    parser.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
+                        help="precision of the forward, as model.amp of the inference config (default: auto)")
+    backend = parser.add_mutually_exclusive_group()
+    backend.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
+                         help="run model.pt with torch, or model.onnx (from `sly-unet export`) with onnxruntime "
+                         "(default: torch)")
+    backend.add_argument("--runtime", choices=tuple(RUNTIMES), help="the same, as the Supervisely SDK names it")
+
+
 def _add_pixel_limit(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-image-pixels",
@@ -186,33 +236,45 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("infer", "apply a trained model to a task dir's project (the inference container's command)")
     p.add_argument("--task-dir", help="task directory (default: $SLY_TASK_DIR, else /sly_task_data)")
 
-    p = add("serve", "serve a trained model over HTTP: POST /model/inference, GET /model/info, GET /health")
-    p.add_argument("--model", help="model directory: config.json and model.pt of a train checkpoint (default: the "
-                   "task dir's model/: $SLY_TASK_DIR/model, else /sly_task_data/model, as the legacy REST server)")
+    p = add("serve", "serve a trained model over HTTP: POST /model/inference, GET /model/info, GET /health, and "
+            "the Supervisely SDK's routes (Session, ModelAPI)")
+    _add_model_options(p, "(default: the task dir's model/: $SLY_TASK_DIR/model, else /sly_task_data/model, as the "
+                       "legacy REST server)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0: any free port, logged)")
-    p.add_argument("--device", type=int, default=0, help="CUDA device index (default: 0); the CPU without CUDA")
-    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
-                   help="precision of the forward, as model.amp of the inference config (default: auto)")
-    p.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
-                   help="run model.pt with torch, or model.onnx (from `sly-unet export`) with onnxruntime "
-                   "(default: torch)")
     p.add_argument("--queue-size", type=_positive_int, default=16,
                    help="requests that may wait for the model; more get 503 with Retry-After (default: 16)")
     p.add_argument("--max-request-bytes", type=_positive_int, default=64 * 2**20,
                    help="larger requests get 413 (default: 64 MiB)")
     p.add_argument("--drain-seconds", type=float, default=60.0,
                    help="on SIGTERM, how long the requests in flight may take to finish (default: 60)")
+    p.add_argument("--max-batch-files", type=_positive_int, default=64,
+                   help="images in one /inference_batch(_async) request; more get 413 (default: 64)")
+    p.add_argument("--max-async-requests", type=_positive_int, default=8,
+                   help="async requests held at once, each with its images and unpopped results; more get 429 "
+                   "(default: 8)")
+    p.add_argument("--async-ttl-seconds", type=float, default=600.0,
+                   help="an async request no client asked about for this long is stopped and dropped (default: 600)")
+    p.add_argument("--allow-url-fetch", action="store_true",
+                   help="let /inference_image_url fetch http(s) URLs (off: 403), within --max-request-bytes")
+    p.add_argument("--url-timeout-seconds", type=float, default=30.0,
+                   help="how long /inference_image_url may take to fetch an image (default: 30)")
     _add_pixel_limit(p)
 
-    p = add("predict", "send an image to a running `sly-unet serve` and write the predicted annotation")
-    p.add_argument("--url", required=True, help="the server, e.g. http://127.0.0.1:8000")
-    p.add_argument("image", help="image file")
+    p = add("predict", "predict images with a model in this process (--model), as the Supervisely SDK's predict "
+            "verb, or send one image to a running `sly-unet serve` (--url)")
+    p.add_argument("input", nargs="+", metavar="INPUT",
+                   help="image files, a folder of images, or a Supervisely project (--model); one image (--url)")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--url", help="the server, e.g. http://127.0.0.1:8000")
+    where.add_argument("--model", help="model directory: config.json and model.pt of a train checkpoint")
+    _add_model_options(p, None)
     p.add_argument("--mode", help='the inference mode as JSON, e.g. \'{"name": "sliding_window"}\' '
                    "(default: full_image)")
-    p.add_argument("--annotation", help="the image's annotation JSON file (bboxes predicts inside its objects)")
-    p.add_argument("--confidence", action="store_true", help="each object also gets its confidence map")
-    p.add_argument("--out", help="write the annotation here (default: print it on stdout)")
+    p.add_argument("--annotation", help="--url: the image's annotation JSON file (bboxes predicts inside its objects)")
+    p.add_argument("--confidence", action="store_true", help="--url: each object also gets its confidence map")
+    p.add_argument("--output", help="--model: the Supervisely project to write (default: ./predictions); --url: "
+                   "the annotation file to write (default: print it on stdout)")
 
     p = add("evaluate", "compare a predicted project with the ground-truth project: IoU, Dice, accuracy")
     p.add_argument("--gt", required=True, help="ground-truth project (or a folder holding one)")

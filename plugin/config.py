@@ -19,7 +19,7 @@ from jsonschema.validators import validator_for
 from plugin.errors import InvalidConfig, TaskError
 from plugin.format.images import DEFAULT_MAX_IMAGE_PIXELS
 from plugin.jsonfile import read_json
-from plugin.settings import MATCH_ALL, InferenceConfig, TrainConfig
+from plugin.settings import DEFAULT_NETWORK, MATCH_ALL, InferenceConfig, TrainConfig
 
 TRAIN_SCHEMA = "train_config"
 INFERENCE_SCHEMA = "inference_config"
@@ -28,9 +28,9 @@ log = logging.getLogger(__name__)
 
 TRAIN_DEFAULTS: dict = {
     "input_size": {"width": 256, "height": 256},
-    # Whole images resized: in the 30 CPU minutes that benchmarks/quality.py gives each recipe, resize
-    # beat native-scale crops on the EM slices (membrane Dice 0.801 vs 0.784, README "Training
-    # recipes"). Crop mode samples a third of its crops on foreground pixels, as nnU-Net.
+    # Whole images resized: one forward per image at inference, and natural photos keep their context.
+    # On the EM slices native crops are within one seed's noise of it (README "Training recipes").
+    # Crop mode samples a third of its crops on foreground pixels, as nnU-Net.
     "scale": {"mode": "resize", "factor": 1.0},
     "foreground_oversampling": 0.33,
     "batch_size": {"train": 8, "val": 8},
@@ -89,14 +89,10 @@ TRAIN_DEFAULTS: dict = {
     "log_every": {"seconds": 10, "iterations": None},
 }
 
-# A new task's network (no network section, no model/). Chosen by measurement (benchmarks/quality.py,
-# README "Training recipes"): in the same CPU budget it beats the legacy network on every figure, and it
-# makes several times the steps.
-DEFAULT_NETWORK: dict = {"arch": "unet", "encoder": "efficientnet_lite0", "encoder_weights": "imagenet"}
 # What a network section's left-out keys are, by arch: a UNet starts from ImageNet as in
 # segmentation_models_pytorch; the legacy network from scratch, as it always has.
 _NETWORK_DEFAULTS: dict[str, dict] = {
-    "unet": {"encoder": DEFAULT_NETWORK["encoder"], "encoder_weights": "imagenet"},
+    "unet": {"encoder": DEFAULT_NETWORK.spec.encoder, "encoder_weights": DEFAULT_NETWORK.encoder_weights},
     "unet_v2": {"encoder_weights": None},
 }
 
@@ -197,6 +193,24 @@ def inference_config(raw: dict, where: str) -> dict:
     # The mode's keys are described by definitions/<name> (picked by if/then), out of _coerce_integers' reach.
     config["mode"] = _coerce_integers(config["mode"], schema["definitions"][config["mode"]["name"]])
     return config
+
+
+def mode_config(mode: object, where: str = "mode") -> InferenceConfig:
+    """A mode section given alone (a server request's, a command line's) through the inference config's
+    defaults and schema; InvalidConfig whose problems are named <where>.<key>."""
+    if mode is None:
+        mode = {}
+    if not isinstance(mode, dict):
+        raise TaskError("must be a JSON object such as {\"name\": \"full_image\"}", where=where)
+    try:
+        return InferenceConfig.from_dict(inference_config({"model": {}, "mode": mode}, where=where))
+    except InvalidConfig as exc:
+        if where == "mode":
+            raise
+        problems = [where + problem[len("mode"):] if problem.startswith("mode") else problem
+                    for problem in exc.problems]
+        _raise_if_any(problems, where)
+        raise
 
 
 def mode_defaults() -> dict[str, dict]:

@@ -79,3 +79,15 @@ def checkpoint(trained_task: tuple[Path, Run]) -> Path:
     root, run = trained_task
     assert run.returncode == 0, run.stderr[-3000:]
     return root / "results" / "00000000"
+
+
+@pytest.fixture(scope="session")
+def image_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """The four 64x64 images of a synthetic project, for the model server's tests."""
+    root = tmp_path_factory.mktemp("images")
+    make_project(root / "shapes", n_train=3, n_val=1, size=64, seed=7)
+    return sorted((root / "shapes").glob("*/img/*"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "sdk: runs the Supervisely SDK's clients from build/sdk-venv (make test-sdk)")

@@ -48,11 +48,12 @@ class Server:
         return self.proc.wait(timeout=120)
 
 
-def start_server(model_dir: Path, *args: str) -> Server:
-    """The container's command on a free loopback port (--port 0; the port is read from its first line)."""
+def start_server(model_dir: Path, *args: str, verb: str | None = None) -> Server:
+    """The container's command (with the SDK's verb `deploy`, or none) on a free loopback port (--port 0;
+    the port is read from its first line)."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "entrypoints.serve", "--model", str(model_dir), "--host", "127.0.0.1", "--port", "0",
+        [sys.executable, "-m", "entrypoints.serve", *([verb] if verb else []), "--model", str(model_dir), "--host", "127.0.0.1", "--port", "0",
          "--log-format", "json", *args],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )

@@ -166,7 +166,7 @@ def test_predict_command_and_a_client_without_torch(server, expected, tmp_path):
     out = tmp_path / "ann.json"
     run = subprocess.run(
         [sys.executable, "-m", "plugin.cli", "predict", "--url", server.url, str(image), "--mode",
-         json.dumps(MODES["sliding_window"]), "--out", str(out), "--log-format", "json"],
+         json.dumps(MODES["sliding_window"]), "--output", str(out), "--log-format", "json"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
     )
     assert run.returncode == 0, run.stdout + run.stderr

@@ -9,10 +9,12 @@ carries its own image, plan and future, so requests never see each other's data.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import threading
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,6 +22,7 @@ from pathlib import Path
 import plugin
 from plugin.config import mode_defaults
 from plugin.errors import TaskError
+from plugin.format.images import UPLOAD
 from plugin.format.project import ObjClass, ProjectMeta, parse_annotation
 from plugin.inference import modes
 from plugin.inference.items import OutputPlan, ReadItem, decode, predicted_annotation
@@ -79,6 +82,45 @@ def answer(job: Job, prediction: modes.Prediction) -> dict:
     return predicted_annotation(job.read.doc, prediction, job.plan)
 
 
+async def predict_request(model: ModelQueue, mode: Mode, image: bytes, annotation: dict | None,
+                          confidence: bool) -> dict:
+    """A request's annotation, its decoding and encoding in a worker thread; QueueFull at once when the
+    queue has no place. Every route that predicts one image answers through this."""
+    job = await asyncio.to_thread(prepare, model.predictor, mode, image, annotation, confidence)
+    prediction = await asyncio.wrap_future(model.submit(job))
+    return await asyncio.to_thread(answer, job, prediction)
+
+
+def predict_files(model: ModelQueue, mode: Mode, files: list[tuple[str, bytes]], confidence: bool,
+                  on_result: Callable[[int, dict], None], stopped: Callable[[], bool] = lambda: False,
+                  wait: float = 60.0) -> None:
+    """Predict each (name, bytes) file in turn, calling on_result(index, annotation) in their order:
+    up to a forward's worth of them waits in the queue at once, so that the model thread batches them,
+    and no new one is sent once `stopped()`. Blocking, for a worker thread. A TaskError names the file
+    (files[i]) when the file itself is at fault; QueueFull when the queue stays full for `wait` s."""
+    window = max(1, batching(mode, model.predictor)[0])
+    sent: deque[tuple[int, Job, Future]] = deque()
+
+    def finish_first() -> None:
+        index, job, future = sent.popleft()
+        on_result(index, answer(job, future.result()))
+
+    for index, (name, data) in enumerate(files):
+        if stopped():
+            break
+        try:
+            job = prepare(model.predictor, mode, data, None, confidence)
+        except TaskError as exc:
+            if exc.where != UPLOAD:
+                raise
+            raise type(exc)(f"{name or 'the file'}: {exc.message}", where=f"files[{index}]") from exc
+        sent.append((index, job, model.submit(job, wait=wait)))
+        while len(sent) >= window:
+            finish_first()
+    while sent:
+        finish_first()
+
+
 def model_info(predictor: Predictor) -> dict:
     """GET /model/info: classes with colours, training input size and scale, the network, modes with
     defaults, version."""
@@ -125,11 +167,11 @@ class ModelQueue:
     def full(self) -> bool:
         return self._queue.full()
 
-    def submit(self, job: Job) -> Future:
-        """The future of the job's Prediction; QueueFull when no place is free."""
+    def submit(self, job: Job, wait: float = 0) -> Future:
+        """The future of the job's Prediction; QueueFull when no place is free within `wait` seconds."""
         future: Future = Future()
         try:
-            self._queue.put_nowait((job, future))
+            self._queue.put((job, future), timeout=wait) if wait > 0 else self._queue.put_nowait((job, future))
         except queue.Full:
             raise QueueFull from None
         return future

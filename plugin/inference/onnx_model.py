@@ -71,9 +71,9 @@ class OnnxNetwork:
         return torch.from_numpy(probs).to(batch.device)
 
 
-def load_onnx_network(path: Path, config: ModelConfig, gpu_device: int) -> OnnxNetwork:
+def load_onnx_network(path: Path, config: ModelConfig, gpu_device: int | None) -> OnnxNetwork:
     """An onnxruntime session of `path`, checked against `config`; on CUDA device `gpu_device` where
-    onnxruntime has the CUDA provider, else on the CPU. TaskError naming the file at fault."""
+    onnxruntime has the CUDA provider, else (and for None) on the CPU. TaskError naming the file at fault."""
     if not path.is_file():
         raise TaskError(
             f"backend onnxruntime runs the exported {path.name}, which this model folder lacks: run "
@@ -84,7 +84,7 @@ def load_onnx_network(path: Path, config: ModelConfig, gpu_device: int) -> OnnxN
     import onnxruntime
 
     providers: list = ["CPUExecutionProvider"]
-    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+    if gpu_device is not None and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
         providers.insert(0, ("CUDAExecutionProvider", {"device_id": gpu_device}))
     try:
         session = onnxruntime.InferenceSession(str(path), providers=providers)

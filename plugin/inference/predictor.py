@@ -122,11 +122,12 @@ class Predictor:
 
 
 def load_predictor(
-    model_dir: Path, gpu_device: int, tta: tuple[str, ...] = (), amp: str = "auto", backend: str = "torch"
+    model_dir: Path, gpu_device: int | None, tta: tuple[str, ...] = (), amp: str = "auto", backend: str = "torch"
 ) -> Predictor:
-    """The model in model_dir, checked against its config.json: backend "torch" runs model.pt on its
-    device in the `amp` precision (model.amp of the inference config), "onnxruntime" runs the exported
-    model.onnx in float32. TaskError naming the file or key at fault."""
+    """The model in model_dir, checked against its config.json: backend "torch" runs model.pt on CUDA
+    device `gpu_device` (the CPU for None, or where there is no CUDA) in the `amp` precision (model.amp
+    of the inference config), "onnxruntime" runs the exported model.onnx in float32. TaskError naming
+    the file or key at fault."""
     if backend not in BACKENDS:
         raise TaskError(f"{backend!r} is not one of {', '.join(BACKENDS)}", where="model.backend")
     config = read_model_config(model_dir)
@@ -138,7 +139,7 @@ def load_predictor(
         # Its outputs come back to host memory whatever the provider: tiles are blended there.
         device = torch.device("cpu")
     else:
-        device = plan_devices([gpu_device]).device
+        device = torch.device("cpu") if gpu_device is None else plan_devices([gpu_device]).device
         precision = resolve_precision(amp, device, where="model.amp")
         network = TorchNetwork(prepare_model(load_model(model_dir, config).to(device), precision), precision)
 

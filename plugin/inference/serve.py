@@ -1,18 +1,19 @@
-"""`sly-unet serve`: a trained model kept in memory behind HTTP, as the legacy plugin's REST server.
+"""`sly-unet serve`: a trained model kept in memory behind HTTP, as the legacy plugin's REST server, and
+behind the Supervisely SDK's serving routes (inference/serve_sdk.py), so that the SDK's `Session` and
+`ModelAPI` clients work against it unmodified.
 
-GET /health, GET /model/info, POST /model/inference (a multipart upload or a JSON body). The socket
-is bound and answering before the model loads: torch and the weights load in a background thread,
-and until then /health and inference answer 503. Requests are decoded and answered in a thread pool,
-and the model runs in one thread of its own (inference/model_queue.py), a batch at a time; its queue
-is bounded, and a request that finds it full gets 503 with Retry-After. SIGTERM (or Ctrl-C) stops
-accepting connections, lets the requests in flight finish and exits 0.
+Our own routes: GET /health, GET /model/info, POST /model/inference (a multipart upload or a JSON
+body). The socket is bound and answering before the model loads: torch and the weights load in a
+background thread, and until then /health and inference answer 503. Requests are decoded and answered
+in a thread pool, and the model runs in one thread of its own (inference/model_queue.py), a batch at a
+time; its queue is bounded, and a request that finds it full gets 503 with Retry-After. SIGTERM (or
+Ctrl-C) stops accepting connections, lets the requests in flight finish and exits 0.
 
 Starlette, uvicorn and torch are imported only here, when the server starts.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import errno
@@ -20,46 +21,26 @@ import logging
 import signal
 import socket
 import threading
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from plugin.config import inference_config
-from plugin.errors import InvalidConfig, LimitExceeded, TaskError, require_extra
+from plugin.config import mode_config
+from plugin.errors import TaskError, require_extra
 from plugin.format.images import UPLOAD, set_max_image_pixels
+from plugin.inference.sdk_protocol import AsyncRequests
+from plugin.inference.serving import (
+    REQUEST,
+    ServedModel,
+    ServeOptions,
+    content_type,
+    file_parts,
+    guarded,
+    json_part,
+    read_body,
+    read_form,
+)
 from plugin.jsonfile import parse_json
-from plugin.settings import InferenceConfig
 
 log = logging.getLogger(__name__)
-
-# What errors about the request as a whole name (its size, its encoding).
-REQUEST = "request"
-# Seconds a client is asked to wait when the queue is full or the model is still loading.
-RETRY_AFTER = 1
-
-
-@dataclass(frozen=True)
-class ServeOptions:
-    model_dir: Path
-    host: str = "127.0.0.1"
-    port: int = 8000  # 0: any free port (logged)
-    device: int = 0  # CUDA device index; the CPU where there is no CUDA
-    amp: str = "auto"
-    backend: str = "torch"  # or "onnxruntime": model.onnx (sly-unet export) instead of model.pt
-    # Requests waiting for the model, beside the batch it is running; each holds its decoded image.
-    queue_size: int = 16
-    max_request_bytes: int = 64 * 2**20
-    max_image_pixels: int | None = None  # None: the project's default, 2^28
-    # How long SIGTERM waits for the requests in flight before cancelling them.
-    drain_seconds: float = 60.0
-
-
-class _Model:
-    """The model as the request handlers see it: loading, loaded (its queue), or failed to load."""
-
-    def __init__(self) -> None:
-        self.queue: Any = None  # model_queue.ModelQueue once loaded
-        self.error: Exception | None = None
 
 
 def serve(options: ServeOptions) -> None:
@@ -75,9 +56,10 @@ def serve(options: ServeOptions) -> None:
     log.info(
         f"serving on http://{options.host}:{port} (the model is loading)", extra={"host": options.host, "port": port}
     )
-    model = _Model()
+    model = ServedModel()
+    held = AsyncRequests(options.max_async_requests, options.async_ttl_seconds)
     config = uvicorn.Config(
-        build_app(model, options), log_config=None, access_log=False,
+        build_app(model, options, held), log_config=None, access_log=False,
         timeout_graceful_shutdown=options.drain_seconds,
     )
     server = uvicorn.Server(config)
@@ -92,7 +74,7 @@ def serve(options: ServeOptions) -> None:
 
             predictor = load_predictor(options.model_dir, options.device, (), options.amp, options.backend)
             model.queue = ModelQueue(predictor, options.queue_size)
-            log.info("ready: answering POST /model/inference", extra={"port": port})
+            log.info("ready: answering POST /model/inference and the Supervisely SDK's routes", extra={"port": port})
         except Exception as exc:  # noqa: BLE001 - re-raised in the main thread, which logs the crash line
             model.error = exc
             server.should_exit = True
@@ -103,6 +85,7 @@ def serve(options: ServeOptions) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: None)
     server.run(sockets=[sock])
+    held.close(options.drain_seconds)
     if model.error is not None:
         raise model.error
     log.info("stopped: every request in flight was answered")
@@ -130,26 +113,17 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def build_app(model: _Model, options: ServeOptions) -> Any:
+def build_app(model: ServedModel, options: ServeOptions, held: AsyncRequests) -> Any:
     from starlette.applications import Starlette
-    from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
     from starlette.requests import Request
     from starlette.responses import JSONResponse
     from starlette.routing import Route
 
-    def unavailable(status: str, detail: str) -> JSONResponse:
-        return JSONResponse({"status": status, "error": detail}, 503, headers={"Retry-After": str(RETRY_AFTER)})
-
-    def not_ready() -> JSONResponse | None:
-        if model.error is not None:
-            return JSONResponse({"status": "failed", "error": str(model.error)}, 503)
-        if model.queue is None:
-            return unavailable("loading", "the model is loading; retry shortly")
-        return None
+    from plugin.inference.serve_sdk import sdk_routes
 
     async def health(_: Request) -> JSONResponse:
-        waiting = not_ready()
+        waiting = model.not_ready()
         if waiting is not None:
             return waiting
         return JSONResponse({"status": "ready", "queued": model.queue.waiting, "running": model.queue.running})
@@ -157,33 +131,18 @@ def build_app(model: _Model, options: ServeOptions) -> Any:
     async def info(_: Request) -> JSONResponse:
         from plugin.inference.model_queue import model_info
 
-        return not_ready() or JSONResponse(model_info(model.queue.predictor))
+        return model.not_ready() or JSONResponse(model_info(model.queue.predictor))
 
     async def inference(request: Request) -> JSONResponse:
-        waiting = not_ready()
-        if waiting is not None:
-            return waiting
-        from plugin.inference.model_queue import QueueFull, answer, prepare
+        from plugin.inference.model_queue import predict_request
 
-        queue = model.queue
-        if queue.full():  # early, before decoding anything; submit decides
-            return unavailable("busy", f"the queue of {options.queue_size} requests is full; retry shortly")
-        try:
+        async def handle() -> JSONResponse:
             fields = await _read_request(request, options.max_request_bytes)
-            config = _mode_config(fields.get("mode"))
-            job = await run_in_threadpool(
-                prepare, queue.predictor, config.mode, fields["image"], fields.get("annotation"),
-                fields.get("confidence", False),
-            )
-            prediction = await asyncio.wrap_future(queue.submit(job))
-            return JSONResponse(await run_in_threadpool(answer, job, prediction))
-        except QueueFull:
-            return unavailable("busy", f"the queue of {options.queue_size} requests is full; retry shortly")
-        except TaskError as exc:
-            return _error_response(exc)
-        except Exception as exc:  # noqa: BLE001 - a JSON 500, never a traceback to the client
-            log.exception("a request failed")
-            return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}"}, 500)
+            mode = mode_config(fields.get("mode")).mode
+            return JSONResponse(await predict_request(model.queue, mode, fields["image"], fields.get("annotation"),
+                                                      fields.get("confidence", False)))
+
+        return await guarded(handle, model, options)
 
     async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
         return JSONResponse({"error": exc.detail}, exc.status_code, headers=exc.headers)
@@ -192,42 +151,18 @@ def build_app(model: _Model, options: ServeOptions) -> Any:
         Route("/health", health, methods=["GET"]),
         Route("/model/info", info, methods=["GET"]),
         Route("/model/inference", inference, methods=["POST"]),
+        *sdk_routes(model, options, held),
     ]
     return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
-
-
-def _error_response(exc: TaskError) -> Any:
-    """413 over a limit, 400 an unreadable image or request, 422 a bad mode or annotation (each problem listed)."""
-    from starlette.responses import JSONResponse
-
-    if isinstance(exc, LimitExceeded):
-        status = 413
-    elif exc.where in (UPLOAD, REQUEST):
-        status = 400
-    else:
-        status = 422
-    body: dict = {"error": str(exc), "where": exc.where}
-    if status == 422:
-        body["problems"] = list(exc.problems) if isinstance(exc, InvalidConfig) else [str(exc)]
-    return JSONResponse(body, status)
-
-
-def _mode_config(mode: object) -> InferenceConfig:
-    """The request's mode through the inference config's defaults and schema (problems named mode.<key>)."""
-    if mode is None:
-        mode = {}
-    if not isinstance(mode, dict):
-        raise TaskError("must be a JSON object such as {\"name\": \"full_image\"}", where="mode")
-    return InferenceConfig.from_dict(inference_config({"model": {}, "mode": mode}, where="mode"))
 
 
 async def _read_request(request: Any, limit: int) -> dict:
     """{"image": bytes, "mode": dict?, "annotation": dict?, "confidence": bool?} from a multipart form
     (fields image, mode, annotation, confidence) or a JSON body (the image as base64)."""
-    body = await _read_body(request, limit)
-    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    body = await read_body(request, limit)
+    kind = content_type(request)
     if kind == "multipart/form-data":
-        return await _form_fields(request.headers, body, limit)
+        return await _form_fields(await read_form(request, body, limit, max_files=4))
     if kind == "application/json":
         doc = parse_json(body, REQUEST)
         unknown = sorted(set(doc) - {"image", "mode", "annotation", "confidence"})
@@ -244,38 +179,15 @@ async def _read_request(request: Any, limit: int) -> dict:
     raise TaskError(f"send multipart/form-data or application/json, not {kind or 'no content type'!r}", where=REQUEST)
 
 
-async def _read_body(request: Any, limit: int) -> bytes:
-    chunks, size = [], 0
-    # Read to the end even past the limit, so that the client gets the 413 instead of a broken pipe.
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size <= limit:
-            chunks.append(chunk)
-    if size > limit:
-        raise LimitExceeded(
-            f"the request is {size} bytes, over the limit of {limit} (--max-request-bytes)", where=REQUEST
-        )
-    return b"".join(chunks)
-
-
-async def _form_fields(headers: Any, body: bytes, limit: int) -> dict:
-    from starlette.datastructures import UploadFile
-    from starlette.formparsers import MultiPartException, MultiPartParser
-
-    async def stream():
-        yield body
-
-    try:
-        form = await MultiPartParser(headers, stream(), max_files=1, max_fields=8, max_part_size=limit).parse()
-    except MultiPartException as exc:
-        raise TaskError(f"the multipart form cannot be read: {exc.message}", where=REQUEST) from None
-    upload = form.get("image")
-    if not isinstance(upload, UploadFile):
-        raise TaskError("the form needs the image file in the field \"image\"", where=UPLOAD)
-    fields: dict = {"image": await upload.read()}
+async def _form_fields(form: Any) -> dict:
+    images = await file_parts(form, "image")
+    if len(images) != 1:
+        raise TaskError(f"the form needs one image file in the field \"image\", not {len(images)}", where=UPLOAD)
+    fields: dict = {"image": images[0][1]}
     for key in ("mode", "annotation"):
-        if form.get(key) is not None:
-            fields[key] = parse_json(str(form[key]), key)
+        value = await json_part(form, key)
+        if value is not None:
+            fields[key] = value
     if form.get("confidence") is not None:
         fields["confidence"] = {"true": True, "false": False}.get(str(form["confidence"]).lower(), form["confidence"])
     return _checked(fields)

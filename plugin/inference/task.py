@@ -25,7 +25,7 @@ from plugin.inference.items import OutputPlan, ReadItem, Unreadable, read_item, 
 from plugin.inference.pipeline import run_pipeline
 from plugin.inference.predictor import Predictor, load_predictor
 from plugin.jsonfile import refuse_symlink, write_json
-from plugin.settings import MATCH_ALL, Mode
+from plugin.settings import MATCH_ALL, InferenceConfig, Mode
 from plugin.task_dir import TaskDir
 
 log = logging.getLogger(__name__)
@@ -54,8 +54,17 @@ def infer_task(task: TaskDir) -> InferSummary:
     # Checked before the model loads, so that a bad output path fails at once.
     for path in (staging, output):
         refuse_symlink(path)
+    predictor = load_predictor(task.model_dir, config.gpu_device, config.mode.tta, config.amp, config.backend)
+    summary = infer_project(project_dir, predictor, config, staging, output)
+    agent_log.log_model_applied()
+    return summary
+
+
+def infer_project(project_dir: Path, predictor: Predictor, config: InferenceConfig, staging: Path,
+                  output: Path) -> InferSummary:
+    """Predict every image of the project with `config.mode`, building the output project in `staging`
+    and moving it to `output` (replacing what was there) once every image is done."""
     mode = config.mode
-    predictor = load_predictor(task.model_dir, config.gpu_device, mode.tta, config.amp, config.backend)
     if mode.name == "sliding_window":
         # Resolved once, so that a window at the wrong scale is warned about once, not per image.
         window, overlap = modes.window_plan(predictor, mode.window, mode.min_overlap)
@@ -93,7 +102,6 @@ def infer_task(task: TaskDir) -> InferSummary:
     if output.exists():
         shutil.rmtree(output)
     shutil.move(str(staging), output)
-    agent_log.log_model_applied()
     return InferSummary(output, len(items) - len(skipped), len(skipped), objects)
 
 

@@ -10,8 +10,9 @@ Not collected by pytest (it needs a container engine and takes minutes). Steps:
    kinds of JSON log lines in the same order;
 2. an inference task dir whose model/ is the best checkpoint goes through the inference image: the
    output project must load with plugin.format.project and hold `_unet` predictions next to the input objects;
-3. the serve image, on the inference task dir's model/ (its default /sly_task_data/model), answers each
-   image with the very objects the inference image added to it, and `docker stop` ends it with exit 0;
+3. the serve image, started with the SDK's `deploy` verb on the inference task dir's model/ (its default
+   /sly_task_data/model), answers each image with the very objects the inference image added to it, and
+   `docker stop` ends it with exit 0; its `predict` verb writes the same objects into a project;
 4. bad input: a broken config and a missing task dir mount must exit non-zero from `docker run`
    (the latter with one line naming /sly_task_data and -v), and extra arguments reach the entrypoint.
 Containers run as the owner of the task dir (`--user UID:GID`), so their files belong to that user; run
@@ -283,7 +284,8 @@ def check_server(docker: Docker, image: str, infer_dir: Path) -> int:
     """The serve image on the inference task dir: every image's answer holds exactly the objects the
     inference image added to it; `docker stop` drains and exits 0. Returns the images compared."""
     port = free_port()
-    name = docker.start("serve", image, "--host", "127.0.0.1", "--port", str(port), task_dir=infer_dir)
+    name = docker.start("serve", image, "deploy", "--device", "cpu", "--runtime", "PyTorch", "--host", "127.0.0.1",
+                        "--port", str(port), task_dir=infer_dir)
     client = Client(f"http://127.0.0.1:{port}", timeout=300)
     compared = 0
     try:
@@ -309,6 +311,22 @@ def check_server(docker: Docker, image: str, infer_dir: Path) -> int:
     finally:
         stopped = docker.stop(name)
     expect(stopped.returncode == 0, f"the serve image exited {stopped.returncode} after docker stop", stopped)
+    return compared
+
+
+def check_predict_verb(docker: Docker, image: str, infer_dir: Path) -> int:
+    """The serve image's `predict` verb on the inference task dir's project: a project in --output whose
+    annotations hold the objects the inference image added. Returns the images compared."""
+    run = docker.run("predict", image, "predict", f"{MOUNT}/data/{PROJECT}", "--model", f"{MOUNT}/model",
+                     "--device", "cpu", "--output", f"{MOUNT}/predicted", "--log-format", "json", task_dir=infer_dir)
+    expect(run.returncode == 0, f"the serve image's predict verb exited {run.returncode}", run)
+    inferred, predicted = infer_dir / "results" / PROJECT, infer_dir / "predicted"
+    compared = 0
+    for item in list_items(inferred):
+        want = json.loads(item.ann_path.read_text())["objects"]
+        got = json.loads((predicted / item.dataset / "ann" / item.ann_path.name).read_text())["objects"]
+        expect(got == want, f"{item.name}: the predict verb wrote other objects than the inference image", run)
+        compared += 1
     return compared
 
 
@@ -369,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
         step("serve image: the inference task dir's model/, each image of its project")
         compared = check_server(docker, args.serve_image, infer_dir)
         step(f"serve image ok: {compared} answers equal to the inference image's objects, docker stop exit 0")
+        compared = check_predict_verb(docker, args.serve_image, infer_dir)
+        step(f"serve image predict verb ok: {compared} annotations equal to the inference image's")
 
         step("bad input: a broken config, no task dir mounted; extra arguments pass through")
         broken_dir = make_task_dir(work / "broken", BROKEN_CONFIG)
