@@ -5,7 +5,9 @@ from setuptools import find_packages, setup
 
 version = re.search(r'__version__ = "([^"]+)"', Path("plugin/__init__.py").read_text()).group(1)
 
-SERVE = ["starlette>=0.37,<2", "uvicorn>=0.29,<1", "python-multipart>=0.0.13"]
+# starlette 0.40: MultiPartParser's max_part_size (on 0.37-0.39 every multipart request would be a 500).
+# python-multipart 0.0.13: the `python_multipart` import name. uvicorn 0.22: timeout_graceful_shutdown.
+SERVE = ["starlette>=0.40,<2", "uvicorn>=0.29,<1", "python-multipart>=0.0.13"]
 EXPORT = ["onnx>=1.16,<2", "onnxruntime>=1.18,<2", "onnxscript>=0.2,<1"]
 
 setup(
@@ -22,8 +24,8 @@ setup(
         # 2.6: fused Adam(W) on the CPU with found_inf, and torch.nn.utils.get_total_norm.
         "torch>=2.6,<3",
         "numpy>=1.24,<3",
-        # 4.12: IMWRITE_PNG_FILTER, which the `masks` command sets.
-        "opencv-python-headless>=4.12",
+        # albumentations 2.0.8's own floor; our cv2 calls (decode, resize, remap, contours) are older.
+        "opencv-python-headless>=4.9.0.80",
         "jsonschema>=4.17,<5",
         "Pillow>=9.5",
         "requests>=2.28,<3",

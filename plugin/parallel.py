@@ -42,6 +42,12 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def threads_per_process(processes: int) -> int:
+    """torch threads for each of `processes` processes that share this process's cores: torch's default,
+    one per core of the machine in each, would oversubscribe a container's cpuset."""
+    return max(1, available_cores() // processes)
+
+
 def resolve_workers(setting: int | None, items: int) -> int:
     """Worker processes for `items` jobs: the setting, or for None (auto) the available cores;
     never more than there are jobs, at least 1."""

@@ -22,6 +22,7 @@ from plugin.format.classes import build_mapping
 from plugin.format.project import find_project, list_items, read_meta
 from plugin.nn.network import create_network
 from plugin.nn.weights import WEIGHTS_NAME, load_state_dict
+from plugin.parallel import threads_per_process
 from plugin.training.checkpoints import legacy_state_dict
 from plugin.training.data import split_items, val_shard
 from plugin.training.distributed import DUMP_WEIGHTS_ENV, RankFailed
@@ -271,3 +272,17 @@ def test_a_killed_rank_ends_the_whole_job_with_one_crash_line(tmp_path):
     assert all(not Path(f"/proc/{pid}").exists() for pid in ranks)  # rank 0 was stopped and reaped
     for folder in (task / "results").iterdir() if (task / "results").exists() else []:
         assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.pt"]
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or (os.cpu_count() or 1) < 2, reason="needs a cpuset")
+def test_rank_threads_follow_the_cpuset_not_the_machine() -> None:
+    # A container limited to one core of a larger machine: torch threads per rank come from the cores
+    # the process may use (one), not from os.cpu_count().
+    probe = ("import torch; from plugin.parallel import threads_per_process; "
+             "print(threads_per_process(1), threads_per_process(2))")
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                         preexec_fn=lambda: os.sched_setaffinity(0, {0}))
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["1", "1"]
+    assert threads_per_process(1) == len(os.sched_getaffinity(0))

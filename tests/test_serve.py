@@ -44,6 +44,8 @@ MODES = {
 # 256 forwards of one 4x4 window each: a request that keeps the model busy for a few seconds.
 SLOW = {"name": "sliding_window", "window": {"width": 4, "height": 4}, "min_overlap": {"x": 0, "y": 0},
         "batch_size": 1}
+# As slow, but another mode: never in one batch with SLOW.
+SLOW_OTHER = {**SLOW, "batch_size": 2}
 LOAD_CLIENTS, LOAD_SECONDS = 8, 20
 
 
@@ -201,14 +203,44 @@ def small_server(checkpoint):
     server.stop()
 
 
-def test_requests_while_the_model_loads_get_503_then_the_client_retries(small_server, expected):
-    image = next(iter(expected["full_image"]))
-    health = requests.get(small_server.url + "/health", timeout=10)
-    assert health.status_code == 503 and health.json()["status"] == "loading"
-    early = requests.post(small_server.url + "/model/inference", files={"image": image.read_bytes()}, timeout=10)
-    assert early.status_code == 503 and early.headers["Retry-After"] == "1"
-    answer = Client(small_server.url, retries=120, max_wait=1).predict(image)
-    assert answer["objects"] == expected["full_image"][image][1]
+def test_requests_while_the_model_loads_get_503_then_the_client_retries(checkpoint, expected):
+    server = start_server(checkpoint)  # its own: the test must see it before the model has loaded
+    try:
+        image = next(iter(expected["full_image"]))
+        health = requests.get(server.url + "/health", timeout=10)
+        assert health.status_code == 503 and health.json()["status"] == "loading"
+        early = requests.post(server.url + "/model/inference", files={"image": image.read_bytes()}, timeout=10)
+        assert early.status_code == 503 and early.headers["Retry-After"] == "1"
+        answer = Client(server.url, retries=120, max_wait=1).predict(image)
+        assert answer["objects"] == expected["full_image"][image][1]
+    finally:
+        assert server.stop() == 0
+
+
+def test_a_job_the_model_thread_could_not_batch_still_counts(checkpoint, expected):
+    server = start_server(checkpoint, "--queue-size", "2")
+    try:
+        server.wait_ready()
+        image = next(iter(expected["full_image"]))
+        client = Client(server.url, retries=0)
+        with ThreadPoolExecutor(4) as pool:
+            first = pool.submit(client.predict, image, SLOW)
+            server.wait_health(running=1, queued=0)
+            second = pool.submit(client.predict, image, SLOW)
+            server.wait_health(running=1, queued=1)
+            third = pool.submit(client.predict, image, SLOW_OTHER)
+            server.wait_health(running=1, queued=2)
+            # The model thread takes the second next, and leaves the third, of another mode, waiting.
+            first.result()
+            server.wait_health(running=1, queued=1)
+            fourth = pool.submit(client.predict, image)
+            server.wait_health(running=1, queued=2)
+            refused = requests.post(server.url + "/model/inference", files={"image": image.read_bytes()}, timeout=10)
+            assert refused.status_code == 503 and refused.json()["status"] == "busy"
+            assert second.result()["objects"] == first.result()["objects"]
+            assert third.result()["size"] == fourth.result()["size"]
+    finally:
+        assert server.stop() == 0
 
 
 def test_a_full_queue_answers_503_with_retry_after(small_server, expected):

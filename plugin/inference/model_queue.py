@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -155,44 +154,46 @@ class ModelQueue:
 
     def __init__(self, predictor: Predictor, size: int) -> None:
         self.predictor = predictor
+        self.size = size
         self.running = 0  # jobs in the forward now (read by /health)
-        self._queue: queue.Queue[tuple[Job, Future]] = queue.Queue(size)
+        # Every job that waits, in order, until the model thread puts it into a batch: the bound and
+        # /health count them all, also one the thread has looked at but could not batch.
+        self._waiting: deque[tuple[Job, Future]] = deque()
+        self._changed = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="model", daemon=True)
         self._thread.start()
 
     @property
     def waiting(self) -> int:
-        return self._queue.qsize()
+        return len(self._waiting)
 
     def full(self) -> bool:
-        return self._queue.full()
+        return len(self._waiting) >= self.size
 
     def submit(self, job: Job, wait: float = 0) -> Future:
         """The future of the job's Prediction; QueueFull when no place is free within `wait` seconds."""
         future: Future = Future()
-        try:
-            self._queue.put((job, future), timeout=wait) if wait > 0 else self._queue.put_nowait((job, future))
-        except queue.Full:
-            raise QueueFull from None
+        with self._changed:
+            if not self._changed.wait_for(lambda: not self.full(), timeout=wait):
+                raise QueueFull
+            self._waiting.append((job, future))
+            self._changed.notify_all()
         return future
 
     def _run(self) -> None:
         # A daemon thread, never stopped: once the server has drained, nothing is queued, and it ends
         # with the process (also when SIGTERM's drain time ran out in the middle of a forward).
-        held: deque[tuple[Job, Future]] = deque()  # taken from the queue, not batchable with the last batch
         while True:
-            first = held.popleft() if held else self._queue.get()
-            batch = [first]
-            size, _ = batching(first[0].mode, self.predictor)
-            while len(batch) < size and not held:
-                try:
-                    entry = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if entry[0].mode != first[0].mode:
-                    held.append(entry)
-                else:
-                    batch.append(entry)
+            with self._changed:
+                self._changed.wait_for(lambda: self._waiting)
+                batch = [self._waiting.popleft()]
+                mode = batch[0][0].mode
+                size, _ = batching(mode, self.predictor)
+                # Only the jobs right behind it with the same mode: the others keep their turn.
+                while len(batch) < size and self._waiting and self._waiting[0][0].mode == mode:
+                    batch.append(self._waiting.popleft())
+                self.running = len(batch)  # with the queue's count, so /health never misses a job
+                self._changed.notify_all()
             self._predict([(job, future) for job, future in batch if future.set_running_or_notify_cancel()])
 
     def _predict(self, batch: list[tuple[Job, Future]]) -> None:

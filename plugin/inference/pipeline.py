@@ -13,7 +13,6 @@ so memory stays that of a few batches whatever the project's size.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -23,6 +22,7 @@ from plugin import agent_log
 from plugin.format.project import Item
 from plugin.inference.items import ReadItem, Unreadable
 from plugin.inference.modes import Prediction
+from plugin.parallel import available_cores
 
 # Threads per pool. Decoding and encoding an image take a few per cent of its forward on a GPU, so a
 # few threads keep up, and more would take cores from the forward's own preprocessing.
@@ -49,7 +49,7 @@ def run_pipeline(
     unreadable image, and raises to end the run. PROGRESS ticks once per item, when it is written or
     skipped.
     """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = available_cores()
     decoders = ThreadPoolExecutor(min(MAX_WORKERS, cores), thread_name_prefix="infer-read")
     writers = ThreadPoolExecutor(min(MAX_WORKERS, cores), thread_name_prefix="infer-write")
     reads: deque[Future] = deque()

@@ -37,6 +37,7 @@ from torch.nn.parallel import DistributedDataParallel
 from plugin import agent_log
 from plugin.errors import Stopped, TaskError
 from plugin.nn.devices import WorldPlan
+from plugin.parallel import threads_per_process
 from plugin.training import stop
 
 log = logging.getLogger(__name__)
@@ -277,8 +278,7 @@ def _spawned_rank(
     stop.install()
     view, level = log_settings
     agent_log.setup(view, level=level, errors_only=rank != 0)
-    # The ranks share the machine's cores: torch's default of one thread per core in each would oversubscribe them.
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world.world_size))
+    torch.set_num_threads(threads_per_process(world.world_size))
     ctx = DistContext(rank=rank, world_size=world.world_size, local_rank=rank, backend=world.backend)
     try:
         _bind_device(world, rank)
