@@ -79,6 +79,18 @@ def setup(view: str = "auto", stream: TextIO | None = None, level: str | None = 
     logging.captureWarnings(True)
 
 
+def reset() -> None:
+    """Undo setup() and add_log_file(): our handlers removed and closed, warnings no longer captured,
+    settings() back to its default. Logger levels are the caller's to restore."""
+    global _settings
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, _CONSOLE_MARK, False) or getattr(h, _FILE_MARK, None)]:
+        root.removeHandler(handler)
+        handler.close()
+    logging.captureWarnings(False)
+    _settings = ("json", None)
+
+
 def add_log_file(path: Path) -> None:
     """Also append every log line, as JSON, to `path` (creating its folder); replaces an earlier log file."""
     path = Path(path).absolute()

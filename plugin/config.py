@@ -35,9 +35,9 @@ TRAIN_DEFAULTS: dict = {
     "foreground_oversampling": 0.33,
     "batch_size": {"train": 8, "val": 8},
     "dataset_tags": {"train": "train", "val": "val"},
-    # The val loader runs a small fraction of the time, so one worker keeps it from stalling training.
-    # The cores each training process has (training/data.py loader_workers); a GPU step outruns any one
-    # worker's decoding and augmentation.
+    # "auto": the cores each training process has (training/data.py loader_workers), at most 8 for
+    # train and 4 for val, which runs a small share of the time; a GPU step outruns any one worker's
+    # decoding and augmentation.
     "data_workers": {"train": "auto", "val": "auto"},
     "special_classes": {"background": "bg", "neutral": "neutral"},
     "epochs": 5,

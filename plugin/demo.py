@@ -73,7 +73,7 @@ def run_demo(out_dir: Path) -> float:
         "Demo finished.\n"
         f"  train task dir:   {train.root}\n"
         f"  checkpoints:      {train.results_dir} ({len(summary.checkpoints)} folders; best: {summary.best_checkpoint.name})\n"
-        f"  agent logs:       {train.tmp_dir / 'train_log.jsonl'}, {infer.tmp_dir / 'inference_log.jsonl'}\n"
+        f"  agent logs:       {train.train_log_path}, {infer.inference_log_path}\n"
         f"  predictions:      {applied.output_dir} ({applied.images} val images)\n"
         f"  val mIoU:         {miou:.3f} (training's last validation: {summary.final_val_metrics['mean_iou']:.3f}); "
         f"{out_dir / 'val_metrics.json'}",

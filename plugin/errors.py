@@ -1,4 +1,5 @@
-"""The one exception type for bad input: it carries where the problem is and what is wrong."""
+"""The one exception type for a task's failures that the user acts on: it carries where the problem is
+and what is wrong."""
 
 from __future__ import annotations
 
@@ -7,10 +8,11 @@ import os
 
 
 class TaskError(Exception):
-    """Bad input from the user (a file, a config key, an object), reported as `where: message`.
+    """A failure the user can act on, reported as `where: message`: bad input (a file, a config key,
+    an object), and also a full or failing disk, a diverged run, a training rank that crashed.
 
     Entrypoints turn it into the agent's crash line and a non-zero exit; the text must let the
-    user fix the input without reading our code.
+    user act without reading our code.
     """
 
     def __init__(self, message: str, where: str | os.PathLike | None = None) -> None:

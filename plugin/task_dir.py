@@ -41,6 +41,33 @@ class TaskDir:
         """The resume state: beside results/, which keeps only the legacy checkpoint folders."""
         return self.tmp_dir / "resume" / "state.pt"
 
+    @property
+    def train_log_path(self) -> Path:
+        """The train log's copy (every run on the task dir appends to it): curves and `sly-unet plot`."""
+        return self.tmp_dir / "train_log.jsonl"
+
+    @property
+    def inference_log_path(self) -> Path:
+        return self.tmp_dir / "inference_log.jsonl"
+
+    @property
+    def progress_path(self) -> Path:
+        """The training curves, redrawn at each validation."""
+        return self.tmp_dir / "progress.png"
+
+    @property
+    def checkpoint_staging_dir(self) -> Path:
+        """Where a checkpoint folder is written before it is renamed into results/."""
+        return self.tmp_dir / "checkpoints"
+
+    @property
+    def mask_cache_dir(self) -> Path:
+        return self.tmp_dir / "mask_cache"
+
+    def output_staging_dir(self, project_name: str) -> Path:
+        """Where the inference output project is built before it is moved into results/."""
+        return self.tmp_dir / f"{project_name}.partial"
+
 
 def resolve_task_dir(arg: str | None) -> TaskDir:
     """The task dir from --task-dir, else $SLY_TASK_DIR, else /sly_task_data; TaskError if it is not a directory."""

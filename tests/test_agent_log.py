@@ -22,18 +22,11 @@ log = logging.getLogger("plugin.test_agent_log")
 @pytest.fixture(autouse=True)
 def restore_logging():
     """setup() changes process-wide logging: put it back so other test modules see what they expect."""
-    root = logging.getLogger()
     levels = {name: logging.getLogger(name).level for name in ("", "plugin", "entrypoints", "__main__")}
-    settings = agent_log.settings()
     yield
-    agent_log._settings = settings
-    for handler in list(root.handlers):
-        if getattr(handler, "_sly_unet_console", False) or getattr(handler, "_sly_unet_file", None):
-            root.removeHandler(handler)
-            handler.close()
+    agent_log.reset()
     for name, level in levels.items():
         logging.getLogger(name).setLevel(level)
-    logging.captureWarnings(False)
 
 
 def json_setup(level: str = "INFO") -> io.StringIO:

@@ -179,6 +179,41 @@ def test_bad_input_fails_clearly(tmp_path, break_task):
     assert list((task / "results").iterdir()) == []
 
 
+def undecodable_train_image(task: Path) -> Path:
+    """A train image whose header reads (the masks are drawn) but whose pixels do not decode."""
+    train_ann = next(
+        a for a in sorted((task / "data" / "shapes").glob("*/ann/*.json")) if '"train"' in a.read_text()
+    )
+    image = image_of(train_ann)
+    data = image.read_bytes()
+    image.write_bytes(data[: len(data) // 2])
+    return image
+
+
+# One loader worker: the decode fails in a worker process, as in production.
+WORKER_CONFIG = dict(TINY_CONFIG, epochs=3, data_workers={"train": 1, "val": 0})
+
+
+def test_a_file_that_fails_to_decode_is_counted_once_across_epochs(tmp_path):
+    task = make_task(tmp_path / "task", dict(WORKER_CONFIG, allow_corrupted_samples={"train": 1, "val": 0}))
+    image = undecodable_train_image(task)
+    run = run_entrypoint("entrypoints.train", task)
+    assert run.returncode == 0, run.stdout[-3000:]
+    warnings = [line for line in run.lines if line["level"] == "warn" and line.get("file") == str(image)]
+    assert len(warnings) == 1 and "(1 of 1 allowed in the train split)" in warnings[0]["message"]
+    assert [line["epoch"] for line in run.events("METRICS") if line["type"] == "val"] == [1.0, 2.0, 3.0]
+
+
+def test_past_the_budget_the_crash_line_names_the_file_not_the_loader_worker(tmp_path):
+    task = make_task(tmp_path / "task", dict(WORKER_CONFIG, allow_corrupted_samples={"train": 0, "val": 0}))
+    image = undecodable_train_image(task)
+    run = run_entrypoint("entrypoints.train", task)
+    assert run.returncode == 1
+    (crash,) = run.events("TASK_CRASHED")
+    assert crash["message"].startswith(f"{image}: ") and "allow_corrupted_samples.train = 0" in crash["message"]
+    assert "DataLoader worker" not in crash["message"] and "Traceback" not in crash["message"]
+
+
 def test_missing_task_dir_names_the_mount(tmp_path):
     run = run_entrypoint("entrypoints.train", tmp_path / "nowhere")
     assert run.returncode == 1

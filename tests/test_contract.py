@@ -22,7 +22,7 @@ from plugin.format.images import read_image
 from plugin.format.project import list_items, read_meta
 from plugin.inference import modes
 from plugin.inference.predictor import Predictor
-from plugin.inference.task import batching
+from plugin.inference.apply import batching
 from plugin.nn.network import create_network
 from plugin.nn.tiling import TorchNetwork, network_inputs
 from plugin.settings import LEGACY_NETWORK, MATCH_ALL, Mode

@@ -32,7 +32,7 @@ class OutputPlan:
     """What goes into the output project besides the input's own objects."""
 
     titles: dict[int, str]  # model index -> "<class><suffix>", for the saved classes only (never background)
-    new_classes: list[dict]  # meta.json entries added to the input meta
+    new_classes: tuple[dict, ...]  # meta.json entries added to the input meta
     colors: dict[int, str]  # model index -> colour, for the saved classes
     save_probabilities: bool = False
     box_class: str | None = None  # roi / sliding_window with save: the class of the saved boxes

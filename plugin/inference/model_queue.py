@@ -26,7 +26,7 @@ from plugin.format.project import ObjClass, ProjectMeta, parse_annotation
 from plugin.inference import modes
 from plugin.inference.items import OutputPlan, ReadItem, decode, predicted_annotation
 from plugin.inference.predictor import Predictor
-from plugin.inference.task import batching, plan_output, predict
+from plugin.inference.apply import batching, plan_output, predict
 from plugin.nn.network import network_record
 from plugin.settings import MATCH_ALL, Mode
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import random
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 # Second random stream of a sample's seed: the crop's draws, apart from the augmentation's.
 CROP_STREAM = 1
+# Third: which sample replaces one whose image does not decode.
+REPLACEMENT_STREAM = 2
 
 
 def split_items(items: Sequence[Item], train_tag: str, val_tag: str) -> dict[str, list[Item]]:
@@ -173,6 +175,9 @@ class SegmentationDataset(Dataset):
         self.foreground = foreground
         rng = np.random.default_rng(seed)
         self.foreground_pixels = [foreground_pixels(m, rng) for m in self.masks] if scale.crops and foreground else []
+        # Items whose image failed to decode, shared with the loader workers (created before they fork):
+        # the budget counts each file once, and a known bad file is never decoded again.
+        self._undecodable = multiprocessing.Array("b", len(self.items))
         # Shared memory, not an attribute: persistent loader workers keep the dataset copy they forked
         # with, and must still see the epoch. The main process sets it before the epoch's iterator
         # hands any index to a worker, so every sample of the epoch reads the new value.
@@ -196,23 +201,33 @@ class SegmentationDataset(Dataset):
         """(RGB uint8 (H, W, 3), class mask uint8 (H, W)) of a real index, augmented when the dataset augments."""
         seed = sample_seed(self.seed, self._epoch.value, index)
         # A file can pass the header check and still fail to decode; replace it by another sample
-        # while the split's budget allows, as the legacy trainer did.
-        for _ in range(100):
+        # while the split's budget allows, as the legacy trainer did, drawn from the sample's seed so
+        # that runs repeat.
+        for attempt in range(100):
             item, mask = self.items[index], self.masks[index]
-            try:
-                # At the cached mask's size: the input size (resize), the image x scale.factor (crop), or
-                # the image's own (whole-image validation, which never decodes reduced).
-                image = read_resized(item.image_path, mask.shape[1], mask.shape[0])
-            except TaskError as exc:
-                self.budget.spend(item.image_path, exc)
-                index = random.randrange(len(self.items))
-                continue
-            if self.scale.crops:
-                image, mask = self._crop(index, image, mask, np.random.default_rng([seed, CROP_STREAM]))
-            if self.augment is None:
-                return image, mask
-            return self.augment(image, mask, seed)
+            if not self._undecodable[index]:
+                try:
+                    # At the cached mask's size: the input size (resize), the image x scale.factor (crop),
+                    # or the image's own (whole-image validation, which never decodes reduced).
+                    image = read_resized(item.image_path, mask.shape[1], mask.shape[0])
+                except TaskError as exc:
+                    self._count_undecodable(index, exc)
+                else:
+                    if self.scale.crops:
+                        image, mask = self._crop(index, image, mask, np.random.default_rng([seed, CROP_STREAM]))
+                    if self.augment is None:
+                        return image, mask
+                    return self.augment(image, mask, seed)
+            index = int(np.random.default_rng([seed, REPLACEMENT_STREAM, attempt]).integers(len(self.items)))
         raise TaskError("no readable sample found after 100 tries", where=f"{self.budget.split} split")
+
+    def _count_undecodable(self, index: int, error: TaskError) -> None:
+        """Spend the budget on the item's file the first time any worker finds it undecodable."""
+        with self._undecodable.get_lock():
+            first = not self._undecodable[index]
+            self._undecodable[index] = 1
+        if first:
+            self.budget.spend(self.items[index].image_path, error)
 
 
     def _crop(
@@ -267,6 +282,37 @@ def _limit_worker_threads(_worker_id: int) -> None:
     # Each loader worker is one process per core already; torch's own thread pool inside it would
     # oversubscribe the cores.
     torch.set_num_threads(1)
+
+
+def batches(loader: Iterable) -> Iterable:
+    """The loader's batches. A TaskError raised in a loader worker comes out as itself: DataLoader
+    re-raises it as "Caught TaskError in DataLoader worker process N. Original Traceback ...", which
+    would make the crash line a traceback instead of the message naming the file."""
+    iterator = iter(loader)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except TaskError as exc:
+            raise unwrap_worker_error(exc) from None
+        yield batch
+
+
+_WORKER_ERROR = re.compile(r"\ACaught \w+ in DataLoader worker process \d+\.")
+# The traceback's last exception line (after any cause): "plugin.errors.TaskError: <where>: <message>".
+_EXCEPTION_LINE = re.compile(rf"{re.escape(TaskError.__module__)}\.\w+: ")
+
+
+def unwrap_worker_error(error: TaskError) -> TaskError:
+    """The TaskError a loader worker raised, from DataLoader's re-raised copy (others unchanged)."""
+    if not _WORKER_ERROR.match(error.message):
+        return error
+    lines = error.message.splitlines()
+    starts = [i for i, line in enumerate(lines) if _EXCEPTION_LINE.match(line)]
+    if not starts:
+        return error
+    return TaskError(_EXCEPTION_LINE.sub("", "\n".join(lines[starts[-1]:]), count=1).strip())
 
 
 def val_shard(size: int, rank: int, world_size: int) -> tuple[list[int], int]:

@@ -33,6 +33,7 @@ from plugin.nn.precision import prepare_model, resolve_precision
 from plugin.settings import TrainConfig
 from plugin.training import distributed, stop
 from plugin.training.checkpoints import CheckpointWriter, checkpoint_config
+from plugin.training.data import batches
 from plugin.training.distributed import DistContext
 from plugin.training.guard import NonFiniteSteps, restore_buffers, snapshot_buffers
 from plugin.training.sampler import EpochSampler
@@ -252,7 +253,7 @@ def fit(
             sampler.set_position(epoch, position.samples)
             loaders["train"].dataset.set_epoch(epoch)  # new augmentations each epoch
             first = iters - len(loaders["train"])
-            for k, (images, targets) in enumerate(loaders["train"]):
+            for k, (images, targets) in enumerate(batches(loaders["train"])):
                 iteration = first + k
                 if window.planned == 0:
                     end = "time_budget"

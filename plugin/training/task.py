@@ -66,7 +66,7 @@ def train_task(task: TaskDir) -> TrainSummary:
         distributed.quiet_other_ranks()
         if distributed.env_rank() == 0:
             refuse_output_links(task)
-            agent_log.add_log_file(task.tmp_dir / "train_log.jsonl")
+            agent_log.add_log_file(task.train_log_path)
         config = read_train_config(task.config_path)
         config = dataclasses.replace(config, network=resolve_network(config, task.model_dir))
         world = plan_world(list(config.gpu_devices), config.cpu_processes)
@@ -82,7 +82,7 @@ def train_task(task: TaskDir) -> TrainSummary:
 def train_rank(ctx: DistContext, task: TaskDir, config: TrainConfig, world: WorldPlan) -> TrainSummary:
     """One process's part of the train task."""
     if ctx.is_main:
-        agent_log.add_log_file(task.tmp_dir / "train_log.jsonl")
+        agent_log.add_log_file(task.train_log_path)
     set_max_image_pixels(config.max_image_pixels)
     device = world.device(ctx.local_rank)
     project_dir, meta, mapping = read_project(task, config)
@@ -101,7 +101,7 @@ def train_rank(ctx: DistContext, task: TaskDir, config: TrainConfig, world: Worl
 
     # The node's local rank 0 draws the masks; the others wait for this run's token, then map its files.
     token = distributed.broadcast_from_main(secrets.token_hex(8))
-    cache = MaskCache(task.tmp_dir / "mask_cache", builder=ctx.local_rank == 0, token=token)
+    cache = MaskCache(task.mask_cache_dir, builder=ctx.local_rank == 0, token=token)
     train_data, val_data = build_datasets(items, meta, mapping, config, cache)
     titles = titles_by_index(mapping.title_to_idx)
     class_weights = resolve_class_weights(config.class_weights, titles, train_data.masks, NEUTRAL_INDEX)
@@ -128,13 +128,13 @@ def train_rank(ctx: DistContext, task: TaskDir, config: TrainConfig, world: Worl
     if ctx.is_main:
         record = {"network": network_record(config.network.spec),
                   "presented_scale": presented_scale(config, train_data.items)}
-        writer = CheckpointWriter(task.results_dir, task.tmp_dir / "checkpoints", config.keep_checkpoints, record)
+        writer = CheckpointWriter(task.results_dir, task.checkpoint_staging_dir, config.keep_checkpoints, record)
 
         def save(state: dict) -> int:
             return save_state(task.state_path, state, run_fingerprint)
 
         def redraw() -> None:
-            write_progress(task.tmp_dir / "train_log.jsonl", task.tmp_dir / "progress.png")
+            write_progress(task.train_log_path, task.progress_path)
 
     summary = fit(model, loaders, config, mapping, device, writer, ctx, val_real, class_weights, resume, save,
                   redraw)
@@ -170,7 +170,7 @@ def write_progress(log_path: Path, out_path: Path) -> None:
 
 def refuse_output_links(task: TaskDir) -> None:
     """Training writes below results/ and tmp/ only: a symbolic link on the way would send it elsewhere."""
-    for path in (task.results_dir, task.tmp_dir, task.tmp_dir / "train_log.jsonl", task.tmp_dir / "checkpoints",
+    for path in (task.results_dir, task.tmp_dir, task.train_log_path, task.checkpoint_staging_dir,
                  task.state_path.parent, task.state_path):
         refuse_symlink(path)
 

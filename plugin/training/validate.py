@@ -16,6 +16,7 @@ from plugin.nn.precision import Precision
 from plugin.nn.tiling import TorchNetwork, crop_probabilities, predict_tiled, training_window
 from plugin.settings import TrainConfig
 from plugin.training import distributed
+from plugin.training.data import batches
 
 
 def batch_metrics(cm: torch.Tensor, titles: list[str]) -> tuple[dict[str, float], list[str]]:
@@ -57,7 +58,7 @@ def validate(
         def predict(images: torch.Tensor) -> torch.Tensor:
             return precision.logits(net, images.to(device, non_blocking=True))
     with torch.no_grad():
-        for images, targets in loader:
+        for images, targets in batches(loader):
             targets = targets.to(device, non_blocking=True)
             logits = predict(images)
             keep = len(images) if real is None else max(0, min(len(images), real - seen))
