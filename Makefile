@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-.PHONY: venv sdk-venv test test-sdk demo bench bench-masks bench-quality clean train-image inference-image serve-image images image-test
+.PHONY: venv sdk-venv test test-sdk demo docs bench bench-masks bench-quality clean train-image inference-image serve-image images image-test
 
 venv: $(VENV)/.installed
 
@@ -59,6 +59,10 @@ bench-masks: venv sdk-venv
 # training each on 2 cores).
 bench-quality: venv
 	$(PY) -m benchmarks.quality
+
+# docs/config.md from the train config's schema (tests/test_config.py checks that they agree).
+docs: venv
+	$(PY) -c "from plugin.config import config_reference; open('docs/config.md', 'w').write(config_reference())"
 
 clean:
 	rm -rf build $(VENV)

@@ -24,7 +24,7 @@ import torch
 from plugin.config import read_train_config
 from plugin.demo import DEMO_CONFIG, make_demo_task
 from plugin.nn.network import create_network
-from plugin.settings import DEFAULT_NETWORK
+from plugin.config import DEFAULT_NETWORK
 from plugin.synthetic import make_project
 from plugin.training.schedule import build_optimizer
 from plugin.training.state import Fingerprint, save_state

@@ -19,75 +19,36 @@ from jsonschema.validators import validator_for
 from plugin.errors import InvalidConfig, TaskError
 from plugin.format.images import DEFAULT_MAX_IMAGE_PIXELS
 from plugin.jsonfile import read_json
-from plugin.settings import DEFAULT_NETWORK, MATCH_ALL, InferenceConfig, TrainConfig
+from plugin.settings import MATCH_ALL, InferenceConfig, NetworkChoice, NetworkSpec, TrainConfig
 
 TRAIN_SCHEMA = "train_config"
 INFERENCE_SCHEMA = "inference_config"
 
 log = logging.getLogger(__name__)
 
-TRAIN_DEFAULTS: dict = {
-    "input_size": {"width": 256, "height": 256},
-    # Whole images resized: one forward per image at inference, and natural photos keep their context.
-    # On the EM slices native crops are within one seed's noise of it (README "Training recipes").
-    # Crop mode samples a third of its crops on foreground pixels, as nnU-Net.
-    "scale": {"mode": "resize", "factor": 1.0},
-    "foreground_oversampling": 0.33,
-    "batch_size": {"train": 8, "val": 8},
-    "dataset_tags": {"train": "train", "val": "val"},
-    # "auto": the cores each training process has (training/data.py loader_workers), at most 8 for
-    # train and 4 for val, which runs a small share of the time; a GPU step outruns any one worker's
-    # decoding and augmentation.
-    "data_workers": {"train": "auto", "val": "auto"},
-    "special_classes": {"background": "bg", "neutral": "neutral"},
-    "epochs": 5,
-    "val_every": 0.5,
-    # Legacy default 0.1 makes Adam diverge at once; 0.001 is the legacy "train" preset.
-    "lr": 0.001,
-    "momentum": 0.9,
-    "lr_decreasing": {"patience": 3, "lr_divisor": 5},
-    # torch's AdamW default decay; decoupled from the gradient, so at lr 1e-3 it shrinks the conv
-    # weights by only 1e-5 a step. A legacy config (see _legacy_lr_rule) keeps Adam without decay.
-    "optimizer": {"name": "adamw", "weight_decay": 0.01},
-    # poly as nnU-Net; half an epoch of warmup lets Adam's moment estimates settle before the full
-    # LR hits a freshly initialised last layer, and costs little in runs of a few epochs.
-    "lr_schedule": {"name": "poly", "warmup_epochs": 0.5},
-    "loss_weights": {"bce": 1.0, "dice": 1.0},
-    "class_weights": None,
-    "allow_corrupted_samples": {"train": 0, "val": 0},
-    # nnU-Net's 2D strengths and probabilities (its rotation, scale, gamma, blur, noise), plus the U-Net
-    # paper's elastic deformation (about 2 px RMS displacement). A list, so that [] really is none.
-    "augmentations": [
-        {"name": "hflip", "p": 0.5},
-        {"name": "vflip", "p": 0.5},
-        {"name": "affine", "scale": [0.7, 1.4], "rotate": [-180, 180], "p": 0.2},
-        {"name": "elastic", "alpha": 200, "sigma": 10, "p": 0.2},
-        {"name": "brightness_contrast", "brightness": 0.25, "contrast": 0.25, "p": 0.15},
-        {"name": "gamma", "gamma": [0.7, 1.5], "p": 0.3},
-        {"name": "blur", "sigma": [0.5, 1.0], "p": 0.2},
-        {"name": "noise", "std": [0.0, 0.05], "p": 0.1},
-    ],
-    "validate_with_model_eval": True,
-    "weights_init_type": "transfer_learning",
-    "gpu_devices": [0],
-    "sync_batchnorm": True,
-    "cpu_processes": 1,
-    "seed": 0,
-    # Runs continue from tmp/resume/ (training/state.py): a stopped or preempted task is simply run again.
-    "resume": "auto",
-    "time_budget_minutes": None,
-    "early_stopping": {"patience": None, "metric": "loss"},
-    # A few non-finite steps are survivable (one bad batch, a transient overflow); ten in a row are not.
-    "max_nonfinite_steps": 10,
-    "keep_checkpoints": None,
-    "max_image_pixels": DEFAULT_MAX_IMAGE_PIXELS,
-    "amp": "auto",
-    # Off: its one-off compilation costs more than a few epochs on a small project gain.
-    "compile": False,
-    # About six points a minute keep the agent's chart smooth; a fast GPU would otherwise write dozens of
-    # lines a second, and a slow CPU step still gets a line per iteration.
-    "log_every": {"seconds": 10, "iterations": None},
-}
+
+@functools.lru_cache(maxsize=None)
+def read_schema(schema_name: str) -> dict:
+    """The JSON schema `schema_name` (train_config, inference_config) as it ships in schemas/."""
+    text = resources.files("schemas").joinpath(f"{schema_name}.schema.json").read_text(encoding="utf-8")
+    return json.loads(text)
+
+
+def _train_properties() -> dict:
+    return read_schema(TRAIN_SCHEMA)["properties"]
+
+
+# The schema is where each train key's default, meaning and role live (`default`, `description`,
+# `$comment` for why, `x-operational`); these are read from it, and docs/config.md is generated from it.
+TRAIN_DEFAULTS: dict = {key: prop["default"] for key, prop in _train_properties().items() if "default" in prop}
+# Keys that change how a run is operated, not what each step learns: a resumed run may change them
+# (another number of processes, a longer budget after a preemption, fewer kept checkpoints).
+OPERATIONAL_KEYS: frozenset[str] = frozenset(key for key, prop in _train_properties().items()
+                                             if prop.get("x-operational"))
+_NEW_TASK_NETWORK = _train_properties()["network"]["x-new-task-default"]
+# A new task's network (no network section, no model/).
+DEFAULT_NETWORK = NetworkChoice(NetworkSpec(_NEW_TASK_NETWORK["arch"], _NEW_TASK_NETWORK["encoder"]),
+                                _NEW_TASK_NETWORK["encoder_weights"])
 
 # What a network section's left-out keys are, by arch: a UNet starts from ImageNet as in
 # segmentation_models_pytorch; the legacy network from scratch, as it always has.
@@ -391,8 +352,7 @@ def _raise_if_any(errors: list[str], where: str) -> None:
 
 @functools.lru_cache(maxsize=None)
 def _validator(schema_name: str) -> Validator:
-    text = resources.files("schemas").joinpath(f"{schema_name}.schema.json").read_text(encoding="utf-8")
-    schema = json.loads(text)
+    schema = read_schema(schema_name)
     cls = validator_for(schema, default=Draft7Validator)
     cls.check_schema(schema)
     return cls(schema)
@@ -447,3 +407,37 @@ def _coerce_integers(value: Any, schema: dict) -> Any:
     if isinstance(value, list):
         return [_coerce_integers(item, schema.get("items", {})) for item in value]
     return value
+
+
+def config_reference() -> str:
+    """docs/config.md: every train key with its default and meaning, from the schema (`make docs`)."""
+    lines = [
+        "# Train config reference",
+        "",
+        "Generated from [`schemas/train_config.schema.json`](../schemas/train_config.schema.json) by `make docs`;",
+        "`make test` fails when this page and the schema differ. `task_config.json` is merged over these",
+        "defaults (nested objects key by key, lists and values replaced), then validated against the schema:",
+        "every violation is reported at once with its path, and unknown keys are errors.",
+        "",
+        "| key | default | meaning |",
+        "|---|---|---|",
+    ]
+    for key, prop in _train_properties().items():
+        default = prop.get("default", prop.get("x-new-task-default"))
+        children = prop.get("properties", {})
+        name = f"{key}.{'/'.join(children)}" if children and isinstance(default, dict) else key
+        meaning = prop["description"]
+        if "x-new-task-default" in prop:
+            meaning += " Default: a new task's network."
+        parts = [f"`{child}`: {sub['description']}" for child, sub in children.items() if "description" in sub]
+        cell = " ".join([meaning, *parts]).replace("|", "\\|")
+        lines.append(f"| `{name}` | {_rendered(default)} | {cell} |")
+    return "\n".join(lines) + "\n"
+
+
+def _rendered(value: Any) -> str:
+    if isinstance(value, dict):
+        return ", ".join(_rendered(v) for v in value.values())
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        return f"{len(value)} steps"
+    return str(value) if isinstance(value, str) else json.dumps(value)

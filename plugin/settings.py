@@ -59,11 +59,6 @@ class NetworkChoice:
     encoder_weights: str | None  # "imagenet", a state-dict path, or None for a random init
 
 
-# A new task's network (no network section, no model/). Chosen by measurement (benchmarks/quality.py,
-# README "Training recipes"): in the same CPU budget it beats the legacy network on every figure, and it
-# makes several times the steps.
-DEFAULT_NETWORK = NetworkChoice(NetworkSpec("unet", "efficientnet_lite0"), "imagenet")
-
 
 @dataclass(frozen=True)
 class Step:

@@ -8,8 +8,21 @@ from pathlib import Path
 import pytest
 from jsonschema import Draft7Validator
 
-from plugin.config import TRAIN_DEFAULTS, load_train_config, merge_defaults, read_json, read_train_config, validate
+from plugin.config import (
+    DEFAULT_NETWORK,
+    OPERATIONAL_KEYS,
+    TRAIN_DEFAULTS,
+    config_reference,
+    load_train_config,
+    merge_defaults,
+    read_json,
+    read_schema,
+    read_train_config,
+    validate,
+)
 from plugin.errors import TaskError
+from plugin.format.images import DEFAULT_MAX_IMAGE_PIXELS
+from tests.conftest import REPO
 
 LEGACY_BASIC = {
     "lr": 0.001, "epochs": 3, "momentum": 0.9, "batch_size": {"val": 6, "train": 12},
@@ -287,3 +300,21 @@ def test_read_json_directory_and_bom(tmp_path):
     path = tmp_path / "bom.json"
     path.write_bytes(b'\xef\xbb\xbf{"epochs": 2}')
     assert read_json(path) == {"epochs": 2}
+
+
+def test_the_config_reference_is_the_schema() -> None:
+    committed = (REPO / "docs" / "config.md").read_text(encoding="utf-8")
+    assert committed == config_reference(), "docs/config.md differs from the schema: run `make docs`"
+    for key in TRAIN_DEFAULTS:
+        assert f"| `{key}" in committed
+
+
+def test_every_train_key_has_its_default_and_role_in_the_schema() -> None:
+    properties = read_schema("train_config")["properties"]
+    # Every key but network (left out: model/'s network, else the new task's) has its default there.
+    assert set(properties) - set(TRAIN_DEFAULTS) == {"network"}
+    assert DEFAULT_NETWORK.spec.encoder == properties["network"]["x-new-task-default"]["encoder"]
+    assert all(properties[key].get("x-operational") for key in OPERATIONAL_KEYS)
+    assert {"resume", "gpu_devices", "time_budget_minutes"} <= OPERATIONAL_KEYS and "lr" not in OPERATIONAL_KEYS
+    # Every command's pixel limit and the train config's default are one number.
+    assert TRAIN_DEFAULTS["max_image_pixels"] == DEFAULT_MAX_IMAGE_PIXELS

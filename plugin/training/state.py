@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from plugin.config import OPERATIONAL_KEYS
 from plugin.errors import TaskError
 from plugin.format.project import Item
 from plugin.jsonfile import refuse_symlink
@@ -31,12 +32,6 @@ from plugin.training.checkpoints import save_file
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
-# Keys that change how a run is operated, not what each step learns: a resumed run may change them
-# (another number of processes, a longer budget after a preemption, fewer kept checkpoints).
-OPERATIONAL_KEYS = frozenset({
-    "resume", "data_workers", "gpu_devices", "cpu_processes", "time_budget_minutes", "early_stopping",
-    "max_nonfinite_steps", "keep_checkpoints", "max_image_pixels", "compile", "log_every",
-})
 _META = "meta.json"
 
 
