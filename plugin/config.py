@@ -7,7 +7,6 @@ import difflib
 import functools
 import json
 import logging
-import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -82,7 +81,6 @@ _MODE_DEFAULTS: dict[str, dict] = {
     },
 }
 _MODEL_DEFAULTS: dict = {"gpu_device": 0, "amp": "auto", "backend": "torch"}
-_SIDE = re.compile(r"(-?[0-9]+)(%|px)")
 
 
 def merge_defaults(defaults: dict, user: dict) -> dict:
@@ -177,19 +175,6 @@ def mode_config(mode: object, where: str = "mode") -> InferenceConfig:
 def mode_defaults() -> dict[str, dict]:
     """Each mode's section as a config that names only the mode gets it (what the model server lists)."""
     return {name: _inference_defaults(name)["mode"] for name in _MODE_DEFAULTS}
-
-
-def parse_side(value: str, length: int, where: str) -> int:
-    """Pixels of a side string: "Npx" is N, "N%" is int(length * N / 100) (truncated, as legacy); negatives kept."""
-    match = _SIDE.fullmatch(value) if isinstance(value, str) else None
-    if match is None:
-        raise TaskError(f"{value!r} is not a side like '10px' or '10%'", where=where)
-    number = int(match.group(1))
-    if match.group(2) == "px":
-        return number
-    # Truncates toward zero like legacy int(length * N / 100), in integers: no float overflow or rounding.
-    product = length * number
-    return product // 100 if product >= 0 else -(-product // 100)
 
 
 def _inference_defaults(mode_name: object) -> dict:

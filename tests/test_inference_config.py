@@ -12,11 +12,10 @@ from jsonschema import Draft7Validator
 from plugin.config import (
     INFERENCE_SCHEMA,
     load_inference_config,
-    parse_side,
     read_inference_config,
     validate,
 )
-from plugin.inference.modes import window_plan
+from plugin.inference.modes import parse_side, window_plan
 from plugin.inference.predictor import Predictor
 
 UNET_CLASSES = {"save_classes": "__all__", "add_suffix": "_unet"}

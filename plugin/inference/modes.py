@@ -8,13 +8,13 @@ Regions that overlap are merged by probability (weighted averages), never by dra
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from plugin.config import parse_side
 from plugin.errors import TaskError
 from plugin.format.geometry import Rectangle, bounding_box
 from plugin.format.project import Label
@@ -40,6 +40,23 @@ class Prediction:
         if self.covered is not None:
             labels[~self.covered] = 255
         return labels
+
+
+# A side of a box: "10px" or "10%" of the box's length (negative allowed).
+_SIDE = re.compile(r"(-?[0-9]+)(%|px)")
+
+
+def parse_side(value: str, length: int, where: str) -> int:
+    """Pixels of a side string: "Npx" is N, "N%" is int(length * N / 100) (truncated, as legacy); negatives kept."""
+    match = _SIDE.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        raise TaskError(f"{value!r} is not a side like '10px' or '10%'", where=where)
+    number = int(match.group(1))
+    if match.group(2) == "px":
+        return number
+    # Truncates toward zero like legacy int(length * N / 100), in integers: no float overflow or rounding.
+    product = length * number
+    return product // 100 if product >= 0 else -(-product // 100)
 
 
 def full_image(predictor: Predictor, image: np.ndarray) -> Prediction:
