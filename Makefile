@@ -62,7 +62,7 @@ bench-quality: venv
 
 # docs/config.md from the train config's schema (tests/test_config.py checks that they agree).
 docs: venv
-	$(PY) -c "from plugin.config import config_reference; open('docs/config.md', 'w').write(config_reference())"
+	$(PY) -c "from plugin.config.schema import config_reference; open('docs/config.md', 'w').write(config_reference())"
 
 clean:
 	rm -rf build $(VENV)

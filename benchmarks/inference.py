@@ -34,7 +34,7 @@ from plugin.format.images import read_image
 from plugin.inference.predictor import Predictor, load_predictor
 from plugin.inference.task import infer_task
 from plugin.nn.network import create_network, network_record
-from plugin.config import DEFAULT_NETWORK
+from plugin.config.schema import DEFAULT_NETWORK
 from plugin.nn.tiling import network_inputs, pad_to, window_starts
 from plugin.task_dir import TaskDir
 

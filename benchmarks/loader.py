@@ -33,13 +33,13 @@ import cv2
 import numpy as np
 import torch
 
-from plugin.config import TRAIN_DEFAULTS
+from plugin.config.schema import TRAIN_DEFAULTS
+from plugin.config.settings import RESIZE, Scale, parse_steps
 from plugin.format.classes import build_mapping
 from plugin.format.images import read_image
 from plugin.format.project import list_items, read_meta
 from plugin.jsonfile import write_json
 from plugin.nn.preprocess import resize_image
-from plugin.settings import RESIZE, Scale, parse_steps
 from plugin.synthetic import CLASSES, MAKERS, natural_image
 from plugin.training import data
 from plugin.training.augment import build_augmenter

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from plugin.config import read_train_config
+from plugin.config.load import read_train_config
 from plugin.demo import DEMO_CONFIG, make_demo_task
 from plugin.nn.network import create_network
-from plugin.config import DEFAULT_NETWORK
+from plugin.config.schema import DEFAULT_NETWORK
 from plugin.synthetic import make_project
 from plugin.training.schedule import build_optimizer
 from plugin.training.state import Fingerprint, save_state

@@ -39,7 +39,7 @@ from plugin.format.project import list_items, read_meta
 from plugin.nn.devices import WorldPlan
 from plugin.nn.losses import segmentation_loss
 from plugin.nn.network import create_network
-from plugin.config import DEFAULT_NETWORK
+from plugin.config.schema import DEFAULT_NETWORK
 from plugin.training import distributed
 from plugin.training.data import CorruptionBudget, SegmentationDataset, make_loader, prepare_masks
 

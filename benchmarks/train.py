@@ -22,12 +22,13 @@ from pathlib import Path
 
 import torch
 
-from plugin.config import DEFAULT_NETWORK, read_train_config
+from plugin.config.load import read_train_config
+from plugin.config.schema import DEFAULT_NETWORK
+from plugin.config.settings import TrainConfig
 from plugin.format.classes import ClassMapping
 from plugin.format.project import list_items
 from plugin.nn.network import create_network
 from plugin.nn.precision import Precision, prepare_model, resolve_precision
-from plugin.settings import TrainConfig
 from plugin.synthetic import make_project
 from plugin.task_dir import TaskDir
 from plugin.training.data import SegmentationDataset, loader_workers, make_loader

@@ -101,7 +101,7 @@ def _masks(args: argparse.Namespace) -> None:
     background, neutral, limit = "bg", "neutral", args.max_image_pixels
     if args.config is not None:
         # Only with --config: the schema validator costs a quarter of the command's start-up.
-        from plugin.config import read_train_config
+        from plugin.config.load import read_train_config
 
         config = read_train_config(Path(args.config))
         background, neutral = config.background, config.neutral

@@ -13,14 +13,15 @@ import numpy as np
 import pytest
 import torch
 
-from plugin.config import TRAIN_DEFAULTS, load_train_config, read_train_config
+from plugin.config.load import load_train_config, read_train_config
+from plugin.config.schema import TRAIN_DEFAULTS
 from plugin.errors import TaskError
 from plugin.format.classes import NEUTRAL_INDEX, build_mapping
 from plugin.format.images import read_image
 from plugin.format.project import find_project, list_items, read_meta
 from plugin.nn.preprocess import normalize, resize_image
 from plugin.task_dir import TaskDir
-from plugin.settings import parse_steps
+from plugin.config.settings import parse_steps
 from plugin.training.augment import build_augmenter
 from plugin.training.data import CorruptionBudget, SegmentationDataset, make_loader, prepare_masks, split_items
 from plugin.training.preview import overlay, write_preview

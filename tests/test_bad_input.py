@@ -9,9 +9,9 @@ import cv2
 import pytest
 import torch
 
+from plugin.config.settings import LEGACY_NETWORK, NetworkSpec
 from plugin.nn.encoders import create_encoder
 from plugin.nn.network import create_network, network_record
-from plugin.settings import LEGACY_NETWORK, NetworkSpec
 from tests.conftest import TINY_CONFIG, make_task, run_entrypoint
 
 

@@ -8,20 +8,18 @@ from pathlib import Path
 import pytest
 from jsonschema import Draft7Validator
 
-from plugin.config import (
+from plugin.config.load import load_train_config, merge_defaults, read_train_config
+from plugin.config.schema import (
     DEFAULT_NETWORK,
     OPERATIONAL_KEYS,
     TRAIN_DEFAULTS,
     config_reference,
-    load_train_config,
-    merge_defaults,
-    read_json,
     read_schema,
-    read_train_config,
     validate,
 )
 from plugin.errors import TaskError
 from plugin.format.images import DEFAULT_MAX_IMAGE_PIXELS
+from plugin.jsonfile import read_json
 from tests.conftest import REPO
 
 LEGACY_BASIC = {

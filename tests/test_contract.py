@@ -25,7 +25,7 @@ from plugin.inference.predictor import Predictor
 from plugin.inference.apply import batching
 from plugin.nn.network import create_network
 from plugin.nn.tiling import TorchNetwork, network_inputs
-from plugin.settings import LEGACY_NETWORK, MATCH_ALL, Mode
+from plugin.config.settings import LEGACY_NETWORK, MATCH_ALL, Mode
 from plugin.synthetic import make_project, natural_image
 from plugin.task_dir import TaskDir
 from plugin.training.data import CorruptionBudget, SegmentationDataset, prepare_masks

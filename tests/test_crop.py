@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from plugin.config import read_train_config
+from plugin.config.load import read_train_config
+from plugin.config.settings import LEGACY_NETWORK, Scale
 from plugin.demo import make_inference_task
 from plugin.format.classes import NEUTRAL_INDEX, build_mapping
 from plugin.format.images import read_image
@@ -24,7 +25,6 @@ from plugin.jsonfile import read_json, write_json
 from plugin.nn.network import create_network
 from plugin.nn.preprocess import PAD_COLOR, normalize, resize_image
 from plugin.nn.tiling import TorchNetwork, training_window
-from plugin.settings import LEGACY_NETWORK, Scale
 from plugin.task_dir import TaskDir
 from plugin.training.crops import crop_origin, cut
 from plugin.training.data import WholeImageDataset, split_items

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from plugin import agent_log
-from plugin.config import read_train_config
+from plugin.config.load import read_train_config
 from plugin.format.classes import build_mapping
 from plugin.format.project import find_project, list_items, read_meta
 from plugin.nn.network import create_network

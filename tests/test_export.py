@@ -18,7 +18,7 @@ import onnxruntime
 import pytest
 import torch
 
-from plugin.config import read_inference_config
+from plugin.config.load import read_inference_config
 from plugin.errors import TaskError
 from plugin.format.images import read_image
 from plugin.format.project import list_items, read_annotation, read_meta

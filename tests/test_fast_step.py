@@ -11,10 +11,10 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from plugin.config import read_train_config
+from plugin.config.load import read_train_config
 from plugin.format.project import list_items
 from plugin.nn.network import create_network
-from plugin.settings import LEGACY_NETWORK
+from plugin.config.settings import LEGACY_NETWORK
 from plugin.nn.precision import FLOAT32, Precision, resolve_precision
 from plugin.task_dir import TaskDir
 from plugin.training.data import make_loader

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from plugin.config import load_inference_config, load_train_config
+from plugin.config.load import load_inference_config, load_train_config
 from plugin.errors import TaskError
 from plugin.format.classes import build_mapping
 from plugin.format.geometry import encode_bitmap

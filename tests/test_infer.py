@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 import torch
 
+from plugin.config.settings import tta_flips
 from plugin.format.geometry import Bitmap, bitmap_to_json, decode_bitmap
 from plugin.format.images import read_image
 from plugin.format.project import list_items, read_annotation, read_meta
 from plugin.inference import modes
 from plugin.inference.evaluate import evaluate_projects
 from plugin.inference.predictor import load_predictor
-from plugin.settings import tta_flips
 from plugin.synthetic import make_project
 from tests.conftest import REPO, Run, run_entrypoint
 

@@ -24,7 +24,7 @@ from plugin.format.project import list_items
 from plugin.inference import modes
 from plugin.inference.predictor import load_predictor
 from plugin.nn.network import create_network
-from plugin.settings import LEGACY_NETWORK
+from plugin.config.settings import LEGACY_NETWORK
 from plugin.inference.task import infer_task
 from plugin.synthetic import make_project
 from plugin.task_dir import TaskDir

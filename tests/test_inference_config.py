@@ -9,12 +9,8 @@ from pathlib import Path
 import pytest
 from jsonschema import Draft7Validator
 
-from plugin.config import (
-    INFERENCE_SCHEMA,
-    load_inference_config,
-    read_inference_config,
-    validate,
-)
+from plugin.config.load import load_inference_config, read_inference_config
+from plugin.config.schema import INFERENCE_SCHEMA, validate
 from plugin.inference.modes import parse_side, window_plan
 from plugin.inference.predictor import Predictor
 

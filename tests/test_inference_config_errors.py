@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from plugin.config import load_inference_config, parse_side, read_inference_config
+from plugin.config.load import load_inference_config, read_inference_config
 from plugin.errors import TaskError
-from plugin.inference.modes import window_plan
+from plugin.inference.modes import parse_side, window_plan
 from tests.test_inference_config import LEGACY_MODEL, write_config
 
 

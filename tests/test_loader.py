@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from plugin.config import TRAIN_DEFAULTS
+from plugin.config.schema import TRAIN_DEFAULTS
 from plugin.format.classes import build_mapping
 from plugin.format.images import read_image, read_reduced
 from plugin.format.project import list_items, read_meta
 from plugin.nn.preprocess import read_resized
-from plugin.settings import Scale, parse_steps
+from plugin.config.settings import Scale, parse_steps
 from plugin.synthetic import natural_image
 from plugin.training.augment import build_augmenter
 from plugin.training.data import (

@@ -23,7 +23,7 @@ from plugin.format.masks import write_masks
 from plugin.format.project import list_items, read_meta
 from plugin.nn.devices import WorldPlan
 from plugin.training import distributed, stop
-from plugin.settings import RESIZE, Scale, parse_steps
+from plugin.config.settings import RESIZE, Scale, parse_steps
 from plugin.training.augment import build_augmenter
 from plugin.training.data import CorruptionBudget, SegmentationDataset, prepare_masks
 from plugin.training.mask_cache import MaskCache, load_masks

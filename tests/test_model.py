@@ -5,10 +5,10 @@ import copy
 import pytest
 import torch
 
+from plugin.config.settings import LEGACY_NETWORK
 from plugin.errors import TaskError
 from plugin.nn.model import UNetV2
 from plugin.nn.network import create_network
-from plugin.settings import LEGACY_NETWORK
 
 # The legacy network, written out from the spec: (vgg index, in channels, out channels) of the
 # 3x3 convs in each encoder block; the BN sits at index + 1.

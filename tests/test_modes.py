@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from plugin.config import read_inference_config
+from plugin.config.load import read_inference_config
+from plugin.config.settings import LEGACY_NETWORK, tta_flips
 from plugin.format.geometry import Polygon, Rectangle
 from plugin.format.project import Label
 from plugin.inference import modes
 from plugin.inference.predictor import Predictor
 from plugin.nn import tiling
 from plugin.nn.network import create_network
-from plugin.settings import LEGACY_NETWORK, tta_flips
 
 
 @pytest.fixture(scope="module")

@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import torch
 
+from plugin.config.settings import tta_flips
 from plugin.format.images import read_image
 from plugin.format.project import list_items, read_annotation, read_meta
 from plugin.inference import modes
 from plugin.inference.export import TOLERANCE, export_onnx
 from plugin.inference.predictor import load_predictor
-from plugin.settings import tta_flips
 from tests.conftest import TINY_CONFIG, make_task
 from tests.test_infer import MODES, link_model
 from tests.test_resume import Training, is_checkpoint

@@ -11,8 +11,8 @@ import time
 import pytest
 import torch
 
-from plugin.config import read_train_config
-from plugin.settings import EarlyStoppingRule, TrainConfig
+from plugin.config.load import read_train_config
+from plugin.config.settings import EarlyStoppingRule, TrainConfig
 from plugin.training.schedule import (
     EarlyStopping,
     EvalPlanner,

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import requests
 
-from plugin.config import mode_defaults
+from plugin.config.load import mode_defaults
 from plugin.format.geometry import decode_bitmap
 from plugin.format.project import list_items
 from plugin.inference.client import Client, ServerError

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from plugin.config import mode_defaults
+from plugin.config.load import mode_defaults
 from tests.server_process import start_server
 from tests.test_serve import SLOW
 

@@ -9,9 +9,9 @@ import shutil
 import pytest
 import torch
 
-from plugin.config import read_train_config
+from plugin.config.load import read_train_config
+from plugin.config.settings import TrainConfig
 from plugin.format.project import list_items
-from plugin.settings import TrainConfig
 from plugin.synthetic import make_project
 from plugin.training.task import presented_scale
 from tests.conftest import ISBI, TINY_CONFIG, make_task, run_entrypoint

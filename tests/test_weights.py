@@ -13,7 +13,7 @@ from torch import nn
 from plugin.errors import TaskError
 from plugin.nn.model import UNetV2
 from plugin.nn.network import create_network, load_encoder_start
-from plugin.settings import LEGACY_NETWORK
+from plugin.config.settings import LEGACY_NETWORK
 from plugin.nn.weights import (
     load_continue,
     load_state_dict,

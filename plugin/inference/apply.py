@@ -9,13 +9,13 @@ from pathlib import Path
 
 import torch
 
+from plugin.config.settings import MATCH_ALL, Mode
 from plugin.errors import TaskError
 from plugin.format.classes import BACKGROUND_COLOR
 from plugin.format.project import ProjectMeta
 from plugin.inference import modes
 from plugin.inference.items import OutputPlan, ReadItem
 from plugin.inference.predictor import Predictor
-from plugin.settings import MATCH_ALL, Mode
 
 
 def plan_output(mode: Mode, predictor: Predictor, meta: ProjectMeta) -> OutputPlan:

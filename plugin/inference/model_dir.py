@@ -10,12 +10,12 @@ from pathlib import Path
 
 from torch import nn
 
+from plugin.config.settings import RESIZE, NetworkSpec, Scale
 from plugin.errors import TaskError
 from plugin.format.classes import titles_by_index
 from plugin.jsonfile import read_json
 from plugin.nn.network import create_network, read_network_record
 from plugin.nn.weights import CONFIG_NAME, WEIGHTS_NAME, load_continue, load_state_dict
-from plugin.settings import RESIZE, NetworkSpec, Scale
 
 # The exported network beside model.pt (`sly-unet export`), which the onnxruntime backend reads.
 ONNX_NAME = "model.onnx"

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import plugin
-from plugin.config import mode_defaults
+from plugin.config.load import mode_defaults
 from plugin.errors import TaskError
 from plugin.format.images import UPLOAD
 from plugin.format.project import ObjClass, ProjectMeta, parse_annotation
@@ -28,7 +28,7 @@ from plugin.inference.items import OutputPlan, ReadItem, decode, predicted_annot
 from plugin.inference.predictor import Predictor
 from plugin.inference.apply import batching, plan_output, predict
 from plugin.nn.network import network_record
-from plugin.settings import MATCH_ALL, Mode
+from plugin.config.settings import MATCH_ALL, Mode
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from plugin.config import mode_config
+from plugin.config.load import mode_config
 from plugin.errors import TaskError
 from plugin.format.images import read_image_size
 from plugin.format.project import IMAGE_EXTENSIONS, link_or_copy

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from plugin.config.settings import BACKENDS, LEGACY_NETWORK, RESIZE, NetworkSpec, Scale
 from plugin.errors import TaskError
 from plugin.inference.model_dir import ONNX_NAME, class_color, load_model, read_model_config
 from plugin.nn.devices import plan_devices
@@ -28,7 +29,6 @@ from plugin.nn.tiling import (
     predict_tiled,
     resize_probabilities,
 )
-from plugin.settings import BACKENDS, LEGACY_NETWORK, RESIZE, NetworkSpec, Scale
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import plugin
-from plugin.config import mode_defaults
+from plugin.config.load import mode_defaults
 from plugin.errors import TaskError
 from plugin.inference.serving import NotFound, TooManyRequests
 

@@ -23,7 +23,7 @@ import socket
 import threading
 from typing import Any
 
-from plugin.config import mode_config
+from plugin.config.load import mode_config
 from plugin.errors import TaskError, require_extra
 from plugin.format.images import UPLOAD, set_max_image_pixels
 from plugin.inference.sdk_protocol import AsyncRequests

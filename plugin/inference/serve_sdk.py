@@ -18,7 +18,8 @@ import time
 from typing import Any
 from urllib.parse import urlparse
 
-from plugin.config import mode_config
+from plugin.config.load import mode_config
+from plugin.config.settings import Mode
 from plugin.errors import LimitExceeded, TaskError
 from plugin.inference.sdk_protocol import (
     AsyncRequest,
@@ -45,7 +46,6 @@ from plugin.inference.serving import (
     read_form,
 )
 from plugin.jsonfile import parse_json
-from plugin.settings import Mode
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from plugin import agent_log
-from plugin.config import read_inference_config
+from plugin.config.load import read_inference_config
+from plugin.config.settings import InferenceConfig
 from plugin.errors import TaskError
 from plugin.format.images import set_max_image_pixels
 from plugin.format.project import find_project, list_items, read_meta
@@ -22,7 +23,6 @@ from plugin.inference.items import Unreadable, read_item, write_item
 from plugin.inference.pipeline import run_pipeline
 from plugin.inference.predictor import Predictor, load_predictor
 from plugin.jsonfile import refuse_symlink, write_json
-from plugin.settings import InferenceConfig
 from plugin.task_dir import TaskDir
 
 log = logging.getLogger(__name__)

@@ -14,6 +14,7 @@ import os
 
 from torch import nn
 
+from plugin.config.settings import LEGACY_NETWORK, NetworkSpec
 from plugin.errors import TaskError
 from plugin.nn.encoders import ENCODER_NAMES
 from plugin.nn.model import UNetV2
@@ -21,7 +22,6 @@ from plugin.nn.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from plugin.nn.pretrained import encoder_weights_state_dict, load_encoder_weights
 from plugin.nn.unet import UNet, create_unet
 from plugin.nn.weights import vgg16_bn_to_unet
-from plugin.settings import LEGACY_NETWORK, NetworkSpec
 
 log = logging.getLogger(__name__)
 

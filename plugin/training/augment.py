@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from plugin.config.settings import Step
 from plugin.format.classes import NEUTRAL_INDEX
-from plugin.settings import Step
 
 STEP_NAMES = (
     "hflip", "vflip", "rotate90", "affine", "elastic", "brightness_contrast", "gamma", "blur", "noise"

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from plugin.config.settings import RESIZE, Scale
 from plugin.errors import TaskError
 from plugin.format.classes import NEUTRAL_INDEX, ClassMapping
 from plugin.format.images import read_image_size
@@ -26,7 +27,6 @@ from plugin.format.masks import rasterize
 from plugin.format.project import Annotation, Item, ProjectMeta, check_image_size, read_annotation, read_image_tags
 from plugin.nn.preprocess import PAD_COLOR, normalize, read_resized, resize_mask
 from plugin.parallel import available_cores
-from plugin.settings import RESIZE, Scale
 from plugin.training.augment import Augmenter, sample_seed
 from plugin.training.crops import crop_origin, cut, foreground_pixels
 

@@ -27,10 +27,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from plugin import agent_log
+from plugin.config.settings import TrainConfig
 from plugin.errors import Stopped
 from plugin.format.classes import ClassMapping, titles_by_index
 from plugin.nn.precision import prepare_model, resolve_precision
-from plugin.settings import TrainConfig
 from plugin.training import distributed, stop
 from plugin.training.checkpoints import CheckpointWriter, checkpoint_config
 from plugin.training.data import batches

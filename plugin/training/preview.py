@@ -8,7 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from plugin.config import read_train_config
+from plugin.config.load import read_train_config
 from plugin.errors import TaskError
 from plugin.format.classes import BACKGROUND_COLOR, NEUTRAL_INDEX, ClassMapping
 from plugin.format.project import ProjectMeta, list_items

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from plugin.config.settings import EarlyStoppingRule, TrainConfig
 from plugin.errors import TaskError
 from plugin.nn.metrics import summarize
-from plugin.settings import EarlyStoppingRule, TrainConfig
 
 # nnU-Net's exponent: lr * (1 - progress) ** 0.9.
 POLY_POWER = 0.9

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from plugin.config import OPERATIONAL_KEYS
+from plugin.config.schema import OPERATIONAL_KEYS
 from plugin.errors import TaskError
 from plugin.format.project import Item
 from plugin.jsonfile import refuse_symlink

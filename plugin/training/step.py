@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from plugin.config.settings import TrainConfig
 from plugin.format.classes import NEUTRAL_INDEX
 from plugin.nn.losses import segmentation_loss
 from plugin.nn.precision import Precision
-from plugin.settings import TrainConfig
 from plugin.training.guard import keep_buffers_if, nonfinite_flags
 from plugin.training.schedule import set_lr
 

@@ -17,7 +17,9 @@ import torch
 from torch import nn
 
 from plugin import agent_log
-from plugin.config import DEFAULT_NETWORK, read_train_config
+from plugin.config.load import read_train_config
+from plugin.config.schema import DEFAULT_NETWORK
+from plugin.config.settings import LEGACY_NETWORK, NetworkChoice, NetworkSpec, Scale, TrainConfig
 from plugin.errors import TaskError
 from plugin.format.classes import NEUTRAL_INDEX, ClassMapping, build_mapping, check_continue_training, titles_by_index
 from plugin.format.images import read_image_size, set_max_image_pixels
@@ -34,7 +36,6 @@ from plugin.nn.network import (
 )
 from plugin.nn.weights import CONFIG_NAME, WEIGHTS_NAME, load_continue, load_state_dict, load_transfer
 from plugin.plots import write_curves
-from plugin.settings import LEGACY_NETWORK, NetworkChoice, NetworkSpec, Scale, TrainConfig
 from plugin.task_dir import TaskDir
 from plugin.training import distributed, stop
 from plugin.training.augment import build_augmenter

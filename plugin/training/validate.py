@@ -10,11 +10,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from plugin.config.settings import TrainConfig
 from plugin.format.classes import NEUTRAL_INDEX, ClassMapping
 from plugin.nn.metrics import confusion_matrix, summarize
 from plugin.nn.precision import Precision
 from plugin.nn.tiling import TorchNetwork, crop_probabilities, predict_tiled, training_window
-from plugin.settings import TrainConfig
 from plugin.training import distributed
 from plugin.training.data import batches
 

@@ -1,6 +1,6 @@
-"""Typed task configs: frozen dataclasses read once from a validated config dict (see config.py).
+"""Typed task configs: frozen dataclasses read once from a validated config dict (see config/load.py).
 
-Past config.py the code reads these fields instead of `config["a"]["b"]` strings. Each constructor
+Past config/load.py the code reads these fields instead of `config["a"]["b"]` strings. Each constructor
 trusts its input to be valid against the schema, so it converts and never checks.
 """
 
