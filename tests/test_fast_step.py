@@ -24,7 +24,7 @@ from plugin.training.sampler import EpochSampler
 from plugin.training.schedule import build_optimizer
 from plugin.training.step import loss_fn, train_step
 from plugin.training.task import build_datasets, read_project
-from plugin.training.window import iterations_between_lines
+from plugin.training.log_interval import iterations_between_lines
 from tests.conftest import TINY_CONFIG, make_task, run_entrypoint
 
 # What makes the host wait for a GPU: a scalar read (item, bool, float, int; inside torch too, where

@@ -6,7 +6,7 @@ loss and confusion matrix, the time budget's verdict) are summed over the ranks,
 takes the same decisions and rank 0 logs what a single process would; only rank 0 writes files.
 
 A step never waits for the device (step.py): train figures are summed on the device and read back
-once per METRICS line (window.py, about every log_every seconds), so a GPU runs ahead of Python.
+once per METRICS line (log_interval.py, about every log_every seconds), so a GPU runs ahead of Python.
 
 A run can stop at any moment and go on later as if it had not (state.py): at every checkpoint, and
 when a stop signal abandons the step in flight (stop.py), rank 0 writes the resume state as of the
@@ -50,7 +50,7 @@ from plugin.training.schedule import (
 from plugin.training.state import Position, log_resume, resumed_position, rng_states, set_rng_states
 from plugin.training.step import log_precision, loss_fn, train_step
 from plugin.training.validate import batch_metrics, validate
-from plugin.training.window import TrainWindow, headline, iterations_between_lines
+from plugin.training.log_interval import LogInterval, headline, iterations_between_lines
 
 log = logging.getLogger(__name__)
 
@@ -157,9 +157,9 @@ def fit(
     committed = snapshot_buffers(model)
     last_saved_step = position.step if resume is not None else -1
     validated_step = resume["validated_step"] if resume is not None else -1
-    window = TrainWindow(mapping.num_classes, device)
+    interval = LogInterval(mapping.num_classes, device)
     # The ranks' shared clock as of the last METRICS line: training seconds spent and seconds per
-    # iteration (window.py); val_s is the last validation with its writes.
+    # iteration (log_interval.py); val_s is the last validation with its writes.
     clock_spent, clock_step_s, val_s = budget.spent_before, 0.0, 0.0
     first_step = position.step
     end = "epochs"
@@ -174,7 +174,7 @@ def fit(
             "lr_policy": None if lr_policy is None else asdict(lr_policy),
             "early_stopping": None if stopping is None else [stopping.best, stopping.waited],
             "train_seconds": budget.spent(),
-            "nonfinite_in_row": nonfinite.in_row_after(window.diverged_so_far()),
+            "nonfinite_in_row": nonfinite.in_row_after(interval.diverged_so_far()),
             "validated_step": validated_step,
             "checkpoints": writer.state() if writer is not None else None,
             "rng": rng_states(),
@@ -186,22 +186,22 @@ def fit(
             save_state(capture())
         last_saved_step = position.step
 
-    def plan_window() -> int:
+    def plan_interval() -> int:
         planned = iterations_between_lines(clock_step_s, config.log_every_s, config.log_every_iterations)
         fit_in_budget = budget.iterations_left(clock_spent, clock_step_s, val_s or clock_step_s * len(loaders["val"]))
         return planned if fit_in_budget is None else min(planned, fit_in_budget)
 
-    def close_window(epoch: int, iteration: int) -> None:
+    def close_interval(epoch: int, iteration: int) -> None:
         """The METRICS line of the steps since the last one; divergence is found (and may end the run) here."""
         nonlocal clock_spent, clock_step_s
-        report = window.close(budget.spent())
+        report = interval.close(budget.spent())
         clock_spent, clock_step_s = report.spent_s, report.step_s
         nonfinite.account(report.steps, report.diverged, total, warn=ctx.is_main)
         metrics, _ = batch_metrics(report.cm, titles)
         line = headline(metrics) if report.loss is None else {"loss": report.loss, **headline(metrics)}
-        # The LR of the window's last step rides along for the training curves (plots.py).
+        # The LR of the interval's last step rides along for the training curves (plots.py).
         agent_log.log_metrics("train", epoch + (iteration + 1) / iters, line, lr=report.steps[-1][1])
-        window.planned = plan_window()
+        interval.planned = plan_interval()
 
     def checkpoint(epoch: int, iteration: int, ending: str | None) -> str | None:
         """Validate after `iteration` of `epoch`, write the checkpoint and the resume state; returns
@@ -236,11 +236,11 @@ def fit(
             # Shared, so that every rank plans the same iterations to the end of the budget.
             val_s = distributed.all_reduce_max(torch.tensor([time.monotonic() - started], device=device)).item()
             clock_spent += val_s
-            window.planned = min(window.planned, plan_window())
-        window.restart_clock()
+            interval.planned = min(interval.planned, plan_interval())
+        interval.restart_clock()
         return ending
 
-    window.planned = plan_window()
+    interval.planned = plan_interval()
     remove_hooks = stop.watch(model) if not config.compile else _no_hooks
     try:
         if position.step > 0 and validated_step != position.step:
@@ -255,13 +255,13 @@ def fit(
             first = iters - len(loaders["train"])
             for k, (images, targets) in enumerate(batches(loaders["train"])):
                 iteration = first + k
-                if window.planned == 0:
+                if interval.planned == 0:
                     end = "time_budget"
                     break
                 stop.check()  # the hooks' safe points are off under torch.compile
                 net.train()
                 images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-                budget_used = budget.share(clock_spent + window.size * clock_step_s)
+                budget_used = budget.share(clock_spent + interval.size * clock_step_s)
                 lr = schedule.lr_at(position.step, budget_used) * (1.0 if lr_policy is None else lr_policy.scale)
                 step_started = time.monotonic()
                 result = train_step(net, model, optimizer, scaler, precision, compute_loss, images, targets, lr,
@@ -272,14 +272,14 @@ def fit(
                 if position.samples >= samples_per_epoch:
                     position.epoch, position.samples = epoch + 1, 0
                 progress.tick()
-                window.add(position.step, lr, result, targets)
+                interval.add(position.step, lr, result, targets)
                 if config.compile and position.step == first_step + 1 and ctx.is_main:
                     result.loss.item()  # once: the compilation's cost is only known when the step is done
                     log.info(f"compile: the first iteration took {time.monotonic() - step_started:.1f} s, "
                              "torch.compile's one-off compilation included")
                 due = planner.due(epoch, iteration)
-                if window.full or due or iteration == iters - 1:
-                    close_window(epoch, iteration)
+                if interval.full or due or iteration == iters - 1:
+                    close_interval(epoch, iteration)
                 if due:
                     end = checkpoint(epoch, iteration, None) or "epochs"
                     if end != "epochs":

@@ -1,10 +1,10 @@
-"""The train figures between two METRICS lines, summed on the device and read back once per window.
+"""The train figures between two METRICS lines, summed on the device and read back once per interval.
 
 Each step adds its loss, confusion matrix and step flags on the device; nothing reaches the host
-until the window closes: then two all-reduces (sums, and the slowest rank's clock) and one copy.
+until the interval closes: then two all-reduces (sums, and the slowest rank's clock) and one copy.
 
-How many iterations the next window runs is planned at each close from figures every rank shares
-(the slowest rank's seconds per iteration and seconds spent), so the ranks close their windows, and
+How many iterations the next interval runs is planned at each close from figures every rank shares
+(the slowest rank's seconds per iteration and seconds spent), so the ranks close their intervals, and
 end a time budget, at the same iteration without talking in between.
 """
 
@@ -23,16 +23,16 @@ from plugin.training.step import StepResult
 
 
 @dataclass(frozen=True)
-class WindowReport:
-    loss: float | None  # mean over the window's finite losses of every rank; None when none was finite
+class IntervalReport:
+    loss: float | None  # mean over the interval's finite losses of every rank; None when none was finite
     cm: torch.Tensor  # (C, C) int64 on the CPU, summed over the ranks
     steps: list[tuple[int, float]]  # (1-based iteration, lr) of each step
     diverged: list[bool]  # by step: counts toward max_nonfinite_steps
-    step_s: float  # the slowest rank's seconds per iteration over the window
+    step_s: float  # the slowest rank's seconds per iteration over the interval
     spent_s: float  # the most training seconds any rank has spent
 
 
-class TrainWindow:
+class LogInterval:
     """Device-side sums of the steps since the last METRICS line; `planned` is how many steps it takes."""
 
     def __init__(self, num_classes: int, device: torch.device) -> None:
@@ -50,7 +50,7 @@ class TrainWindow:
         self.started = time.monotonic()
 
     def restart_clock(self) -> None:
-        """Leave what happened since the window started (a validation) out of its seconds per step."""
+        """Leave what happened since the interval started (a validation) out of its seconds per step."""
         self.started = time.monotonic()
 
     @property
@@ -70,12 +70,12 @@ class TrainWindow:
         self.steps.append((iteration, lr))
 
     def diverged_so_far(self) -> list[bool]:
-        """The open window's divergence flags, read back here on this rank alone (they agree on every rank)."""
+        """The open interval's divergence flags, read back here on this rank alone (they agree on every rank)."""
         return torch.stack(self.flags).tolist() if self.flags else []
 
-    def close(self, spent_s: float) -> WindowReport:
-        """The window's figures over every rank (a collective: every rank closes at the same step);
-        `spent_s` is this rank's training seconds so far. Starts the next window."""
+    def close(self, spent_s: float) -> IntervalReport:
+        """The interval's figures over every rank (a collective: every rank closes at the same step);
+        `spent_s` is this rank's training seconds so far. Starts the next interval."""
         clock = torch.tensor([(time.monotonic() - self.started) / max(1, self.size), spent_s],
                              dtype=torch.float64, device=self.device)
         sums = torch.cat([self.loss_sum[None], self.loss_count[None], self.cm.flatten().double()])
@@ -84,7 +84,7 @@ class TrainWindow:
         flags = torch.stack(self.flags).double() if self.flags else sums.new_zeros(0)
         host = torch.cat([clock, sums, flags]).cpu()
         loss_sum, loss_count = host[2].item(), host[3].item()
-        report = WindowReport(
+        report = IntervalReport(
             loss=loss_sum / loss_count if loss_count else None,
             cm=host[4 : 4 + self.num_classes**2].round().long().reshape(self.num_classes, self.num_classes),
             steps=self.steps,
@@ -97,7 +97,7 @@ class TrainWindow:
 
 
 def iterations_between_lines(step_s: float, seconds: float | None, iterations: int | None) -> int:
-    """The next window's length: log_every's iterations, or as many as fit in its seconds (at least 1)."""
+    """The next interval's length: log_every's iterations, or as many as fit in its seconds (at least 1)."""
     planned = iterations if iterations is not None else math.inf
     if seconds is not None:
         planned = min(planned, max(1, int(seconds / step_s)) if step_s > 0 else 1)
