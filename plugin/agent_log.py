@@ -40,7 +40,7 @@ _ENV_LEVELS = {"TRACE": logging.DEBUG, "DEBUG": logging.DEBUG, "INFO": logging.I
                "CRITICAL": logging.CRITICAL}
 _STANDARD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 # The last setup()'s resolved (view, level), so that a spawned training process logs the same way.
-_settings: tuple[str, str | None] = ("json", None)
+_setup: tuple[str, str | None] = ("json", None)
 
 
 def setup(view: str = "auto", stream: TextIO | None = None, level: str | None = None,
@@ -51,7 +51,7 @@ def setup(view: str = "auto", stream: TextIO | None = None, level: str | None = 
     `errors_only` shows errors and nothing else, protocol lines included: the view of a training
     process other than rank 0. Calling it again replaces the console handler; an added log file stays.
     """
-    global _settings
+    global _setup
     stream = sys.stdout if stream is None else stream
     if view == "auto":
         view = "human" if _isatty(stream) else "json"
@@ -72,7 +72,7 @@ def setup(view: str = "auto", stream: TextIO | None = None, level: str | None = 
     if errors_only:
         handler.setLevel(logging.ERROR)
     root.addHandler(handler)
-    _settings = (view, level)
+    _setup = (view, level)
     root.setLevel(max(levelno, logging.INFO))
     for name in _OWN_LOGGERS:
         logging.getLogger(name).setLevel(levelno)
@@ -81,14 +81,14 @@ def setup(view: str = "auto", stream: TextIO | None = None, level: str | None = 
 
 def reset() -> None:
     """Undo setup() and add_log_file(): our handlers removed and closed, warnings no longer captured,
-    settings() back to its default. Logger levels are the caller's to restore."""
-    global _settings
+    current_setup() back to its default. Logger levels are the caller's to restore."""
+    global _setup
     root = logging.getLogger()
     for handler in [h for h in root.handlers if getattr(h, _CONSOLE_MARK, False) or getattr(h, _FILE_MARK, None)]:
         root.removeHandler(handler)
         handler.close()
     logging.captureWarnings(False)
-    _settings = ("json", None)
+    _setup = ("json", None)
 
 
 def add_log_file(path: Path) -> None:
@@ -175,9 +175,9 @@ def run_main(main_name: str, main: Callable[[], object]) -> int:
     return 0
 
 
-def settings() -> tuple[str, str | None]:
+def current_setup() -> tuple[str, str | None]:
     """(view, level) of the last setup(), view resolved to "json" or "human"."""
-    return _settings
+    return _setup
 
 
 def crash_message(error: BaseException) -> str:

@@ -167,7 +167,7 @@ def test_errors_only_keeps_errors_and_drops_protocol_lines():
 
 def test_settings_remember_the_resolved_view_and_level():
     setup("auto", io.StringIO(), level="DEBUG")
-    assert agent_log.settings() == ("json", "DEBUG")
+    assert agent_log.current_setup() == ("json", "DEBUG")
 
 
 def test_third_party_loggers_and_warnings_are_json():

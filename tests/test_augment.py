@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 import torch
 
-from plugin.config.load import load_train_config, read_train_config
+from plugin.config.load import merged_train_config, read_train_config
 from plugin.config.schema import TRAIN_DEFAULTS
+from plugin.config.settings import parse_steps
 from plugin.errors import TaskError
 from plugin.format.classes import NEUTRAL_INDEX, build_mapping
 from plugin.format.images import read_image
 from plugin.format.project import find_project, list_items, read_meta
 from plugin.nn.preprocess import normalize, resize_image
 from plugin.task_dir import TaskDir
-from plugin.config.settings import parse_steps
 from plugin.training.augment import build_augmenter
 from plugin.training.data import CorruptionBudget, SegmentationDataset, make_loader, prepare_masks, split_items
 from plugin.training.preview import overlay, write_preview
@@ -173,7 +173,7 @@ def test_persistent_loader_workers_follow_set_epoch(project):
 def test_bad_augmentations_are_one_line_naming_the_key(tmp_path, augmentations, line):
     (tmp_path / "c.json").write_text(json.dumps({"augmentations": augmentations}))
     with pytest.raises(TaskError) as err:
-        load_train_config(tmp_path / "c.json")
+        merged_train_config(tmp_path / "c.json")
     assert line in err.value.message
     assert err.value.message.count("\n") == 1
 
@@ -182,7 +182,7 @@ def test_rotate90_needs_a_square_input(tmp_path):
     config = {"input_size": {"width": 64, "height": 32}, "augmentations": [{"name": "rotate90", "p": 0.5}]}
     (tmp_path / "c.json").write_text(json.dumps(config))
     with pytest.raises(TaskError, match=r"augmentations\[0\]\.name: rotate90 would swap width and height"):
-        load_train_config(tmp_path / "c.json")
+        merged_train_config(tmp_path / "c.json")
 
 
 def test_overlay_blends_class_colours_and_hatches_neutral():

@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 from jsonschema import Draft7Validator
 
-from plugin.config.load import load_train_config, merge_defaults, read_train_config
+from plugin.config.load import merge_defaults, merged_train_config, read_train_config
 from plugin.config.schema import (
     DEFAULT_NETWORK,
     OPERATIONAL_KEYS,
     TRAIN_DEFAULTS,
+    check_schema,
     config_reference,
     read_schema,
-    validate,
 )
 from plugin.errors import TaskError
 from plugin.format.images import DEFAULT_MAX_IMAGE_PIXELS
@@ -61,7 +61,7 @@ def problems(error: TaskError) -> list[str]:
 
 
 def test_legacy_basic_config_is_valid(tmp_path):
-    config = load_train_config(write_config(tmp_path, LEGACY_BASIC))
+    config = merged_train_config(write_config(tmp_path, LEGACY_BASIC))
     assert config["batch_size"] == {"val": 6, "train": 12}
     assert config["data_workers"] == {"val": 0, "train": 3}
     assert config["val_every"] == 0.5
@@ -79,7 +79,7 @@ def test_legacy_full_config_is_valid_and_kept(tmp_path):
     new_keys |= {"resume": "auto", "time_budget_minutes": None, "early_stopping": {"patience": None, "metric": "loss"},
                  "max_nonfinite_steps": 10, "keep_checkpoints": None, "max_image_pixels": 2**28}
     new_keys |= {"amp": "auto", "compile": False, "log_every": {"seconds": 10, "iterations": None}}
-    assert load_train_config(write_config(tmp_path, LEGACY_FULL)) == {**LEGACY_FULL, **new_keys}
+    assert merged_train_config(write_config(tmp_path, LEGACY_FULL)) == {**LEGACY_FULL, **new_keys}
 
 
 def test_run_control_keys_and_their_errors(tmp_path):
@@ -93,7 +93,7 @@ def test_run_control_keys_and_their_errors(tmp_path):
     assert (config.keep_checkpoints, config.max_image_pixels) == (2, 10**6)
     assert read_train_config(write_config(tmp_path, {"early_stopping": {"patience": 3}})).early_stopping.metric == "loss"
     with pytest.raises(TaskError) as caught:
-        load_train_config(write_config(tmp_path, {
+        merged_train_config(write_config(tmp_path, {
             "resume": "always", "time_budget_minutes": 0, "early_stopping": {"patience": 0, "metric": ""},
             "max_nonfinite_steps": -1, "keep_checkpoints": 0, "max_image_pixels": 2**31,
         }))
@@ -104,10 +104,10 @@ def test_run_control_keys_and_their_errors(tmp_path):
 
 
 def test_distributed_keys(tmp_path):
-    config = load_train_config(write_config(tmp_path, {"cpu_processes": 2, "seed": 7, "sync_batchnorm": False}))
+    config = merged_train_config(write_config(tmp_path, {"cpu_processes": 2, "seed": 7, "sync_batchnorm": False}))
     assert (config["cpu_processes"], config["seed"], config["sync_batchnorm"]) == (2, 7, False)
     with pytest.raises(TaskError) as caught:
-        load_train_config(write_config(tmp_path, {"cpu_processes": 0, "seed": -1, "sync_batchnorm": "yes"}))
+        merged_train_config(write_config(tmp_path, {"cpu_processes": 0, "seed": -1, "sync_batchnorm": "yes"}))
     assert problems(caught.value) == [
         "cpu_processes: 0 is less than the minimum of 1",
         "seed: -1 is less than the minimum of 0",
@@ -116,11 +116,11 @@ def test_distributed_keys(tmp_path):
 
 
 def test_empty_config_gives_the_defaults(tmp_path):
-    assert load_train_config(write_config(tmp_path, {})) == TRAIN_DEFAULTS
+    assert merged_train_config(write_config(tmp_path, {})) == TRAIN_DEFAULTS
 
 
 def test_defaults_have_every_schema_key():
-    validate(TRAIN_DEFAULTS, "train_config", "defaults")
+    check_schema(TRAIN_DEFAULTS, "train_config", "defaults")
     assert TRAIN_DEFAULTS["lr"] == 0.001 and TRAIN_DEFAULTS["input_size"] == {"width": 256, "height": 256}
 
 
@@ -140,7 +140,7 @@ def test_merge_is_recursive_and_leaves_inputs_alone():
 def test_scalar_where_a_section_is_expected_is_a_schema_error(tmp_path):
     path = write_config(tmp_path, {"input_size": 256})
     with pytest.raises(TaskError) as info:
-        load_train_config(path)
+        merged_train_config(path)
     assert problems(info.value) == ["input_size: 256 is not of type 'object'"]
 
 
@@ -188,7 +188,7 @@ def test_scalar_where_a_section_is_expected_is_a_schema_error(tmp_path):
 def test_each_error_names_its_path(tmp_path, user, expected):
     path = write_config(tmp_path, user)
     with pytest.raises(TaskError) as info:
-        load_train_config(path)
+        merged_train_config(path)
     assert info.value.where == str(path)
     assert problems(info.value) == [expected]
     assert str(info.value).startswith(f"{path}: invalid config (1 problem):\n")
@@ -196,7 +196,7 @@ def test_each_error_names_its_path(tmp_path, user, expected):
 
 def test_unknown_top_level_key_lists_the_allowed_ones(tmp_path):
     with pytest.raises(TaskError) as info:
-        load_train_config(write_config(tmp_path, {"zzz": 1}))
+        merged_train_config(write_config(tmp_path, {"zzz": 1}))
     [line] = problems(info.value)
     assert line.startswith("zzz: unknown key (allowed: allow_corrupted_samples, amp, augmentations, batch_size, ")
 
@@ -210,7 +210,7 @@ def test_all_errors_at_once_sorted_by_path(tmp_path):
         "gpu_devices": ["0"],
     }
     with pytest.raises(TaskError) as info:
-        load_train_config(write_config(tmp_path, user))
+        merged_train_config(write_config(tmp_path, user))
     assert info.value.message.splitlines()[0] == "invalid config (6 problems):"
     assert problems(info.value) == [
         "epochs: 0 is less than the minimum of 1",
@@ -222,9 +222,9 @@ def test_all_errors_at_once_sorted_by_path(tmp_path):
     ]
 
 
-def test_validate_reports_missing_keys():
+def test_check_schema_reports_missing_keys():
     with pytest.raises(TaskError) as info:
-        validate({"epochs": 1, "input_size": {"width": 16}}, "train_config", "cfg")
+        check_schema({"epochs": 1, "input_size": {"width": 16}}, "train_config", "cfg")
     lines = problems(info.value)
     assert info.value.where == "cfg"
     assert "input_size.height: missing required key" in lines
@@ -234,7 +234,7 @@ def test_validate_reports_missing_keys():
 
 
 def test_integral_floats_become_ints(tmp_path):
-    config = load_train_config(write_config(tmp_path, {"epochs": 3.0, "gpu_devices": [1.0], "lr": 1.0}))
+    config = merged_train_config(write_config(tmp_path, {"epochs": 3.0, "gpu_devices": [1.0], "lr": 1.0}))
     assert config["epochs"] == 3 and type(config["epochs"]) is int
     assert config["gpu_devices"] == [1] and type(config["gpu_devices"][0]) is int
     assert type(config["lr"]) is float

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from plugin.config.load import load_inference_config, load_train_config
+from plugin.config.load import merged_inference_config, merged_train_config
 from plugin.errors import TaskError
 from plugin.format.classes import build_mapping
 from plugin.format.geometry import encode_bitmap
@@ -195,10 +195,10 @@ def full_configs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dic
     train = [{}, {"lr_decreasing": {"patience": 2, "lr_divisor": 5}}, {"augmentations": False}]
     for doc in train:
         path.write_text(json.dumps(doc))
-        bases["train"].append(load_train_config(path))
+        bases["train"].append(merged_train_config(path))
     for name in ("full_image", "roi", "bboxes", "sliding_window"):
         path.write_text(json.dumps({"mode": {"name": name}}))
-        bases["inference"].append(load_inference_config(path))
+        bases["inference"].append(merged_inference_config(path))
     # The legacy v1 layout: mode.source, model_classes and the model's keys at the top level.
     bases["inference"].append({"mode": {"source": "sliding_window", "window": {"width": 64, "height": 64}},
                                "model_classes": {"save_classes": "__all__", "add_suffix": "_unet"}, "gpu_device": 0})
@@ -209,7 +209,7 @@ def some_keys_of(base: dict) -> st.SearchStrategy[dict]:
     return st.dictionaries(st.sampled_from(sorted(base)) | st.text(max_size=8), JSON, max_size=4)
 
 
-@pytest.mark.parametrize("kind, load", [("train", load_train_config), ("inference", load_inference_config)])
+@pytest.mark.parametrize("kind, load", [("train", merged_train_config), ("inference", merged_inference_config)])
 @FUZZ
 @given(data=st.data())
 def test_fuzzed_configs_raise_only_task_errors(tmp_path, full_configs, kind, load, data) -> None:

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from jsonschema import Draft7Validator
 
-from plugin.config.load import load_inference_config, read_inference_config
-from plugin.config.schema import INFERENCE_SCHEMA, validate
+from plugin.config.load import merged_inference_config, read_inference_config
+from plugin.config.schema import INFERENCE_SCHEMA, check_schema
 from plugin.inference.modes import parse_side, window_plan
 from plugin.inference.predictor import Predictor
 
@@ -101,7 +101,7 @@ def write_config(tmp_path: Path, config: object) -> Path:
 
 
 def load(tmp_path: Path, config: object) -> dict:
-    return load_inference_config(write_config(tmp_path, config))
+    return merged_inference_config(write_config(tmp_path, config))
 
 
 def with_mode(base: dict, **changes: object) -> dict:
@@ -270,7 +270,7 @@ def test_integral_floats_become_ints(tmp_path):
 
 @pytest.mark.parametrize("name", ["full_image", "roi", "bboxes", "sliding_window"])
 def test_a_normalized_config_loads_to_itself(tmp_path, name):
-    validate(DEFAULTS[name], INFERENCE_SCHEMA, "defaults")
+    check_schema(DEFAULTS[name], INFERENCE_SCHEMA, "defaults")
     assert load(tmp_path, DEFAULTS[name]) == DEFAULTS[name]
 
 

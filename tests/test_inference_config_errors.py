@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from plugin.config.load import load_inference_config, read_inference_config
+from plugin.config.load import merged_inference_config, read_inference_config
 from plugin.errors import TaskError
 from plugin.inference.modes import parse_side, window_plan
 from tests.test_inference_config import LEGACY_MODEL, write_config
@@ -16,7 +16,7 @@ from tests.test_inference_config import LEGACY_MODEL, write_config
 def problems_of(tmp_path: Path, config: object) -> list[str]:
     path = write_config(tmp_path, config)
     with pytest.raises(TaskError) as info:
-        load_inference_config(path)
+        merged_inference_config(path)
     assert info.value.where == str(path)
     header, *lines = info.value.message.splitlines()
     count = len(lines)
@@ -210,7 +210,7 @@ def test_all_violations_at_once_sorted_by_path(tmp_path):
 def test_missing_file_names_the_file(tmp_path):
     path = tmp_path / "task_config.json"
     with pytest.raises(TaskError) as info:
-        load_inference_config(path)
+        merged_inference_config(path)
     assert str(info.value) == f"{path}: file not found"
 
 

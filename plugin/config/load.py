@@ -71,7 +71,7 @@ def merge_defaults(defaults: dict, user: dict) -> dict:
     return merged
 
 
-def load_train_config(path: Path) -> dict:
+def merged_train_config(path: Path) -> dict:
     """The train config of `path` with the defaults merged in, validated; TaskError(where=path) listing all problems."""
     merged = _network_defaults(merge_defaults(TRAIN_DEFAULTS, legacy_lr_rule(read_json(path))))
     raise_if_any(sorted(schema_errors(merged, TRAIN_SCHEMA) + _train_semantic_errors(merged)), str(path))
@@ -79,16 +79,16 @@ def load_train_config(path: Path) -> dict:
 
 
 def read_train_config(path: Path) -> TrainConfig:
-    """load_train_config, read into typed fields."""
-    return TrainConfig.from_dict(load_train_config(path))
+    """merged_train_config, read into typed fields."""
+    return TrainConfig.from_dict(merged_train_config(path))
 
 
 def read_inference_config(path: Path) -> InferenceConfig:
-    """load_inference_config, read into typed fields."""
-    return InferenceConfig.from_dict(load_inference_config(path))
+    """merged_inference_config, read into typed fields."""
+    return InferenceConfig.from_dict(merged_inference_config(path))
 
 
-def load_inference_config(path: Path) -> dict:
+def merged_inference_config(path: Path) -> dict:
     """The inference config of `path`, normalized, with its mode's defaults; TaskError(where=path) listing all problems."""
     return inference_config(read_json(path), str(path))
 

@@ -48,7 +48,7 @@ DEFAULT_NETWORK = NetworkChoice(NetworkSpec(_NEW_TASK_NETWORK["arch"], _NEW_TASK
                                 _NEW_TASK_NETWORK["encoder_weights"])
 
 
-def validate(config: dict, schema_name: str, where: str) -> None:
+def check_schema(config: dict, schema_name: str, where: str) -> None:
     """Raise one TaskError listing every violation of schemas/<schema_name>.schema.json, each with its path."""
     raise_if_any(schema_errors(config, schema_name), where)
 

@@ -82,3 +82,12 @@ def summarize(cm: torch.Tensor, class_titles: list[str]) -> dict[str, float | No
     else:
         out["dice"] = sum(dices) / len(dices) if dices else None
     return out
+
+
+def logged_metrics(cm: torch.Tensor, titles: list[str]) -> tuple[dict[str, float], list[str]]:
+    """A METRICS line's figures of a confusion matrix (a train log interval's or a validation's): floats
+    only; the classes absent from both prediction and target are listed apart."""
+    summary = summarize(cm, titles)
+    metrics = {k: float(v) for k, v in summary.items() if v is not None}
+    absent = [k.split("/", 1)[1] for k, v in summary.items() if v is None and k.startswith("iou/")]
+    return metrics, absent

@@ -90,7 +90,7 @@ def env_rank() -> int:
 def quiet_other_ranks() -> None:
     """Under torchrun, a rank other than 0 logs errors only from here on (rank 0 speaks for the job)."""
     if env_rank() != 0:
-        view, level = agent_log.settings()
+        view, level = agent_log.current_setup()
         agent_log.setup(view, level=level, errors_only=True)
 
 
@@ -203,7 +203,7 @@ def _spawn(world: WorldPlan, fn: Callable[..., Any], args: tuple) -> Any:
     port = free_port()
     ranks = mp.start_processes(
         _spawned_rank,
-        args=(world, port, agent_log.settings(), reports, fn, args),
+        args=(world, port, agent_log.current_setup(), reports, fn, args),
         nprocs=world.world_size,
         join=False,
         start_method="spawn",

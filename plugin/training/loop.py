@@ -30,6 +30,7 @@ from plugin import agent_log
 from plugin.config.settings import TrainConfig
 from plugin.errors import Stopped
 from plugin.format.classes import ClassMapping, titles_by_index
+from plugin.nn.metrics import logged_metrics
 from plugin.nn.precision import prepare_model, resolve_precision
 from plugin.training import distributed, stop
 from plugin.training.checkpoints import CheckpointWriter, checkpoint_config
@@ -49,7 +50,7 @@ from plugin.training.schedule import (
 )
 from plugin.training.state import Position, log_resume, resumed_position, rng_states, set_rng_states
 from plugin.training.step import log_precision, loss_fn, train_step
-from plugin.training.validate import batch_metrics, validate
+from plugin.training.validate import validate
 from plugin.training.log_interval import LogInterval, headline, iterations_between_lines
 
 log = logging.getLogger(__name__)
@@ -197,7 +198,7 @@ def fit(
         report = interval.close(budget.spent())
         clock_spent, clock_step_s = report.spent_s, report.step_s
         nonfinite.account(report.steps, report.diverged, total, warn=ctx.is_main)
-        metrics, _ = batch_metrics(report.cm, titles)
+        metrics, _ = logged_metrics(report.cm, titles)
         line = headline(metrics) if report.loss is None else {"loss": report.loss, **headline(metrics)}
         # The LR of the interval's last step rides along for the training curves (plots.py).
         agent_log.log_metrics("train", epoch + (iteration + 1) / iters, line, lr=report.steps[-1][1])

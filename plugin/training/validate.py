@@ -12,19 +12,11 @@ from torch.utils.data import DataLoader
 
 from plugin.config.settings import TrainConfig
 from plugin.format.classes import NEUTRAL_INDEX, ClassMapping
-from plugin.nn.metrics import confusion_matrix, summarize
+from plugin.nn.metrics import confusion_matrix, logged_metrics
 from plugin.nn.precision import Precision
 from plugin.nn.tiling import TorchNetwork, crop_probabilities, predict_tiled, training_window
 from plugin.training import distributed
 from plugin.training.data import batches
-
-
-def batch_metrics(cm: torch.Tensor, titles: list[str]) -> tuple[dict[str, float], list[str]]:
-    """Metrics for the log: floats only; classes absent from prediction and target are listed apart."""
-    summary = summarize(cm, titles)
-    metrics = {k: float(v) for k, v in summary.items() if v is not None}
-    absent = [k.split("/", 1)[1] for k, v in summary.items() if v is None and k.startswith("iou/")]
-    return metrics, absent
 
 
 def validate(
@@ -70,7 +62,7 @@ def validate(
             cm += confusion_matrix(logits.argmax(1), targets, mapping.num_classes, NEUTRAL_INDEX, check=False)
     distributed.all_reduce_sum(totals)
     distributed.all_reduce_sum(cm)
-    metrics, absent = batch_metrics(cm.cpu(), titles)
+    metrics, absent = logged_metrics(cm.cpu(), titles)
     metrics = {"loss": float(totals[0] / totals[1]), **metrics}
     return metrics, absent
 
