@@ -35,10 +35,10 @@ import torch
 
 from plugin.config.schema import TRAIN_DEFAULTS
 from plugin.config.settings import RESIZE, Scale, parse_steps
+from plugin.files import write_json
 from plugin.format.classes import build_mapping
 from plugin.format.images import read_image
 from plugin.format.project import list_items, read_meta
-from plugin.jsonfile import write_json
 from plugin.nn.preprocess import resize_image
 from plugin.synthetic import CLASSES, MAKERS, natural_image
 from plugin.training import data

@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 from plugin.demo import make_inference_task
+from plugin.files import read_json, write_json
 from plugin.format.project import link_or_copy, list_items
-from plugin.jsonfile import read_json, write_json
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "isbi2012-membranes"

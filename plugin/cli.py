@@ -56,7 +56,7 @@ def _serve(args: argparse.Namespace) -> None:
 def _predict(args: argparse.Namespace) -> None:
     import json
 
-    from plugin.jsonfile import parse_json, read_json, write_json
+    from plugin.files import parse_json, read_json, write_json
 
     mode = None if args.mode is None else parse_json(args.mode, "--mode")
     if args.model is not None:

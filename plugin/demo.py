@@ -7,10 +7,10 @@ import shutil
 from pathlib import Path
 
 from plugin.errors import TaskError
+from plugin.files import read_json, write_json
 from plugin.format.project import link_or_copy, list_items, read_image_tags
 from plugin.inference.evaluate import evaluate_projects, format_report
 from plugin.inference.task import infer_task
-from plugin.jsonfile import read_json, write_json
 from plugin.synthetic import make_project
 from plugin.task_dir import TaskDir
 from plugin.training.task import train_task

@@ -13,11 +13,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from plugin.files import write_json
 from plugin.format.classes import build_mapping
 from plugin.format.geometry import encode_bitmap
 from plugin.format.masks import rasterize
 from plugin.format.project import read_annotation, read_meta
-from plugin.jsonfile import write_json
 
 CLASSES = [
     {"title": "ring", "shape": "polygon", "color": "#E04040"},

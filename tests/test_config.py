@@ -18,8 +18,8 @@ from plugin.config.schema import (
     read_schema,
 )
 from plugin.errors import TaskError
+from plugin.files import read_json
 from plugin.format.images import DEFAULT_MAX_IMAGE_PIXELS
-from plugin.jsonfile import read_json
 from tests.conftest import REPO
 
 LEGACY_BASIC = {

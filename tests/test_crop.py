@@ -14,6 +14,7 @@ import torch
 from plugin.config.load import read_train_config
 from plugin.config.settings import LEGACY_NETWORK, Scale
 from plugin.demo import make_inference_task
+from plugin.files import read_json, write_json
 from plugin.format.classes import NEUTRAL_INDEX, build_mapping
 from plugin.format.images import read_image
 from plugin.format.project import find_project, list_items, read_meta
@@ -21,7 +22,6 @@ from plugin.inference import modes
 from plugin.inference.evaluate import evaluate_projects
 from plugin.inference.predictor import Predictor, load_predictor
 from plugin.inference.task import infer_task
-from plugin.jsonfile import read_json, write_json
 from plugin.nn.network import create_network
 from plugin.nn.preprocess import PAD_COLOR, normalize, resize_image
 from plugin.nn.tiling import TorchNetwork, training_window

@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from plugin.errors import TaskError
+from plugin.files import MAX_JSON_DEPTH, read_json, refuse_symlink, write_file, write_json
 from plugin.format import images
 from plugin.format.geometry import decode_bitmap
 from plugin.format.images import (
@@ -27,7 +28,6 @@ from plugin.format.images import (
     set_max_image_pixels,
 )
 from plugin.format.project import link_or_copy, list_items, parse_annotation, read_meta
-from plugin.jsonfile import MAX_JSON_DEPTH, read_json, refuse_symlink, write_file, write_json
 
 BOMB_SIDE = 60_000  # 3.6e9 pixels: 10 GiB as RGB, from a file of 100 bytes
 BITMAP_BOMB_SIDE = 40_000

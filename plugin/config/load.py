@@ -19,8 +19,8 @@ from plugin.config.schema import (
 )
 from plugin.config.settings import MATCH_ALL, InferenceConfig, TrainConfig
 from plugin.errors import InvalidConfig, TaskError
+from plugin.files import read_json
 from plugin.format.images import DEFAULT_MAX_IMAGE_PIXELS
-from plugin.jsonfile import read_json
 
 # What a network section's left-out keys are, by arch: a UNet starts from ImageNet as in
 # segmentation_models_pytorch; the legacy network from scratch, as it always has.

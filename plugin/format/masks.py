@@ -14,6 +14,7 @@ import numpy as np
 from isal import isal_zlib
 
 from plugin.errors import TaskError
+from plugin.files import refuse_symlink, write_file, write_json
 from plugin.format.classes import ClassMapping, build_mapping
 from plugin.format.geometry import draw
 from plugin.format.images import PNG_SIGNATURE, read_image_size
@@ -27,7 +28,6 @@ from plugin.format.project import (
     read_annotation,
     read_meta,
 )
-from plugin.jsonfile import refuse_symlink, write_file, write_json
 from plugin.parallel import Failure, ordered_map, resolve_workers
 
 # Below OUT: the masks of a run until every one is written.

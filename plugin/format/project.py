@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from plugin.errors import TaskError
+from plugin.files import read_json
 from plugin.format.geometry import Geometry, crop_to_image, object_shape, parse_geometry
 from plugin.format.images import ACCEPTED_NAMES, check_image_pixels
-from plugin.jsonfile import read_json
 
 log = logging.getLogger(__name__)
 

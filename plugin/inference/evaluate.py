@@ -29,11 +29,11 @@ from pathlib import Path
 import torch
 
 from plugin.errors import TaskError
+from plugin.files import write_json
 from plugin.format.classes import NEUTRAL_INDEX, ClassMapping, build_mapping, titles_by_index
 from plugin.format.images import read_image_size
 from plugin.format.masks import draw_labels, rasterize
 from plugin.format.project import check_image_size, find_project, list_items, read_annotation, read_meta
-from plugin.jsonfile import write_json
 from plugin.nn.metrics import confusion_matrix, summarize
 from plugin.plots import write_confusion
 

@@ -20,11 +20,11 @@ import numpy as np
 import torch
 
 from plugin.errors import TaskError
+from plugin.files import read_json, write_json
 from plugin.format.geometry import Bitmap, Rectangle, bitmap_to_json, true_box
 from plugin.format.images import read_image, read_image_size
 from plugin.format.project import Item, Label, ProjectMeta, check_image_size, link_or_copy, parse_annotation
 from plugin.inference import modes
-from plugin.jsonfile import read_json, write_json
 
 
 @dataclass(frozen=True)

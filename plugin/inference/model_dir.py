@@ -12,8 +12,8 @@ from torch import nn
 
 from plugin.config.settings import RESIZE, NetworkSpec, Scale
 from plugin.errors import TaskError
+from plugin.files import read_json
 from plugin.format.classes import titles_by_index
-from plugin.jsonfile import read_json
 from plugin.nn.network import create_network, read_network_record
 from plugin.nn.weights import CONFIG_NAME, WEIGHTS_NAME, load_continue, load_state_dict
 

@@ -15,11 +15,11 @@ from pathlib import Path
 
 from plugin.config.load import mode_config
 from plugin.errors import TaskError
+from plugin.files import refuse_symlink, write_json
 from plugin.format.images import read_image_size
 from plugin.format.project import IMAGE_EXTENSIONS, link_or_copy
 from plugin.inference.predictor import load_predictor
 from plugin.inference.task import InferSummary, infer_project
-from plugin.jsonfile import refuse_symlink, write_json
 
 
 def predict_local(inputs: list[Path], model_dir: Path, output: Path, mode: object, device: int | None,

@@ -25,6 +25,7 @@ from typing import Any
 
 from plugin.config.load import mode_config
 from plugin.errors import TaskError, require_extra
+from plugin.files import parse_json
 from plugin.format.images import UPLOAD, set_max_image_pixels
 from plugin.inference.sdk_protocol import AsyncRequests
 from plugin.inference.serving import (
@@ -38,7 +39,6 @@ from plugin.inference.serving import (
     read_body,
     read_form,
 )
-from plugin.jsonfile import parse_json
 
 log = logging.getLogger(__name__)
 

@@ -21,6 +21,7 @@ from urllib.parse import urlparse
 from plugin.config.load import mode_config
 from plugin.config.settings import Mode
 from plugin.errors import LimitExceeded, TaskError
+from plugin.files import parse_json
 from plugin.inference.sdk_protocol import (
     AsyncRequest,
     AsyncRequests,
@@ -45,7 +46,6 @@ from plugin.inference.serving import (
     read_body,
     read_form,
 )
-from plugin.jsonfile import parse_json
 
 log = logging.getLogger(__name__)
 

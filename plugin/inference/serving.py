@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from plugin.errors import InvalidConfig, LimitExceeded, TaskError
+from plugin.files import parse_json
 from plugin.format.images import UPLOAD
-from plugin.jsonfile import parse_json
 
 log = logging.getLogger(__name__)
 

@@ -15,6 +15,7 @@ from plugin import agent_log
 from plugin.config.load import read_inference_config
 from plugin.config.settings import InferenceConfig
 from plugin.errors import TaskError
+from plugin.files import refuse_symlink, write_json
 from plugin.format.images import set_max_image_pixels
 from plugin.format.project import find_project, list_items, read_meta
 from plugin.inference import modes
@@ -22,7 +23,6 @@ from plugin.inference.apply import batching, plan_output, predict
 from plugin.inference.items import Unreadable, read_item, write_item
 from plugin.inference.pipeline import run_pipeline
 from plugin.inference.predictor import Predictor, load_predictor
-from plugin.jsonfile import refuse_symlink, write_json
 from plugin.task_dir import TaskDir
 
 log = logging.getLogger(__name__)

@@ -18,8 +18,8 @@ import torch
 
 from plugin import agent_log
 from plugin.errors import TaskError
+from plugin.files import open_for_writing, refuse_symlink, write_json
 from plugin.format.classes import ClassMapping
-from plugin.jsonfile import open_for_writing, refuse_symlink, write_json
 from plugin.nn.weights import CONFIG_NAME, WEIGHTS_NAME
 
 log = logging.getLogger(__name__)

@@ -31,10 +31,10 @@ from pathlib import Path
 import numpy as np
 
 from plugin.errors import TaskError
+from plugin.files import open_for_writing, refuse_symlink, write_file
 from plugin.format.classes import ClassMapping
 from plugin.format.images import max_image_pixels, read_image_size
 from plugin.format.project import Item, ProjectMeta, check_image_size, read_annotation
-from plugin.jsonfile import open_for_writing, refuse_symlink, write_file
 from plugin.parallel import Failure, ordered_map, resolve_workers
 from plugin.training import stop
 from plugin.training.data import CorruptionBudget, mask_target, training_mask

@@ -25,8 +25,8 @@ from torch.utils.data import DataLoader
 
 from plugin.config.schema import OPERATIONAL_KEYS
 from plugin.errors import TaskError
+from plugin.files import refuse_symlink
 from plugin.format.project import Item
-from plugin.jsonfile import refuse_symlink
 from plugin.training.checkpoints import save_file
 
 log = logging.getLogger(__name__)

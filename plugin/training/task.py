@@ -21,10 +21,10 @@ from plugin.config.load import read_train_config
 from plugin.config.schema import DEFAULT_NETWORK
 from plugin.config.settings import LEGACY_NETWORK, NetworkChoice, NetworkSpec, Scale, TrainConfig
 from plugin.errors import TaskError
+from plugin.files import read_json, refuse_symlink
 from plugin.format.classes import NEUTRAL_INDEX, ClassMapping, build_mapping, check_continue_training, titles_by_index
 from plugin.format.images import read_image_size, set_max_image_pixels
 from plugin.format.project import ProjectMeta, find_project, list_items, read_meta
-from plugin.jsonfile import read_json, refuse_symlink
 from plugin.nn.devices import WorldPlan, plan_world
 from plugin.nn.losses import resolve_class_weights
 from plugin.nn.network import (

@@ -1,4 +1,4 @@
-"""The JSON files of a task dir (configs, meta.json, annotations): read with errors that name the file;
+"""A task's files: its JSON (configs, meta.json, annotations) read with errors that name the file,
 and writing any output file without following a symbolic link.
 """
 
