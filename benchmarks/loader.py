@@ -8,10 +8,10 @@ shows ((b) decodes in full either way: its two figures tell the noise of the mac
 
 Per worker process means what one DataLoader worker sustains on a core of its own: the dataset's
 __getitem__ (decode, resize, crop, augment, normalise) run serially in this process with one OpenCV
-and one torch thread, as make_loader sets up its workers, counted against the CPU time it takes, so
+and one torch thread, as create_loader sets up its workers, counted against the CPU time it takes, so
 that other processes on a shared machine do not lower it (the wall-clock rate is printed beside it).
 The same sample indices and epochs, so the same augmentations, are timed for both decodes; rounds
-alternate between them and the median round counts. A 1-worker make_loader run adds what collation
+alternate between them and the median round counts. A 1-worker create_loader run adds what collation
 and the hand-over to the main process cost: its samples per CPU second of the worker process.
 
     .venv/bin/python -m benchmarks.loader [--images 8] [--samples 48] [--rounds 3] [--batch 8]
@@ -36,14 +36,14 @@ import torch
 from plugin.config.schema import TRAIN_DEFAULTS
 from plugin.config.settings import RESIZE, Scale, parse_steps
 from plugin.files import write_json
-from plugin.format.classes import build_mapping
+from plugin.format.classes import create_mapping
 from plugin.format.images import read_image
 from plugin.format.project import list_items, read_meta
 from plugin.nn.preprocess import resize_image
 from plugin.synthetic import CLASSES, MAKERS, natural_image
 from plugin.training import data
-from plugin.training.augment import build_augmenter
-from plugin.training.data import CorruptionBudget, SegmentationDataset, make_loader, prepare_masks
+from plugin.training.augment import create_augmenter
+from plugin.training.data import CorruptionBudget, SegmentationDataset, create_loader, prepare_masks
 
 
 @dataclass(frozen=True)
@@ -79,14 +79,14 @@ def make_photo_project(root: Path, images: int, size: int, suffix: str, quality:
 
 
 def scenario_dataset(project: Path, scenario: Scenario) -> SegmentationDataset:
-    """The train dataset that build_dataset makes for the scenario, with the default augmentations."""
+    """The train dataset that create_dataset makes for the scenario, with the default augmentations."""
     meta = read_meta(project)
-    mapping = build_mapping(meta, "bg", "neutral")
+    mapping = create_mapping(meta, "bg", "neutral")
     budget = CorruptionBudget.create("train", 0)
     size = (scenario.input_size, scenario.input_size)
     mask_size = scenario.scale.factor if scenario.scale.crops else size
     kept, masks = prepare_masks(list_items(project), meta, mapping, mask_size, budget)
-    augment = build_augmenter(parse_steps(TRAIN_DEFAULTS["augmentations"]))
+    augment = create_augmenter(parse_steps(TRAIN_DEFAULTS["augmentations"]))
     return SegmentationDataset(kept, masks, size, budget, augment, 0, scenario.scale, scenario.foreground)
 
 
@@ -130,10 +130,10 @@ def time_decode(dataset: SegmentationDataset, plan: list[tuple[int, int]]) -> fl
 
 
 def time_one_worker_loader(dataset: SegmentationDataset, samples: int, batch: int) -> float:
-    """Samples per CPU second of the worker process of a 1-worker make_loader, its start included."""
+    """Samples per CPU second of the worker process of a 1-worker create_loader, its start included."""
     epochs = -(-samples // len(dataset))
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    loader = make_loader(dataset, batch, 1, sampler=range(len(dataset)))
+    loader = create_loader(dataset, batch, 1, sampler=range(len(dataset)))
     seen = 0
     for epoch in range(epochs):
         dataset.set_epoch(epoch)
@@ -178,8 +178,8 @@ def report(scenario: Scenario, figures: dict) -> str:
 
 @contextmanager
 def one_thread() -> Iterator[None]:
-    """One OpenCV and one torch thread, as make_loader gives its workers; the counts before are restored
-    (make_loader leaves OpenCV at one thread itself)."""
+    """One OpenCV and one torch thread, as create_loader gives its workers; the counts before are restored
+    (create_loader leaves OpenCV at one thread itself)."""
     opencv, torch_threads = cv2.getNumThreads(), torch.get_num_threads()
     cv2.setNumThreads(1)
     torch.set_num_threads(1)

@@ -27,7 +27,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from plugin.format.classes import build_mapping
+from plugin.format.classes import create_mapping
 from plugin.format.masks import rasterize
 from plugin.format.project import list_items, read_annotation, read_meta
 
@@ -39,7 +39,7 @@ DEFAULT_DATA = Path(tempfile.gettempdir()) / "sly-unet-bench"
 
 def bench_rasterize(project: Path, repeats: int) -> float:
     meta = read_meta(project)
-    mapping = build_mapping(meta, "bg", "neutral")
+    mapping = create_mapping(meta, "bg", "neutral")
     anns = [read_annotation(item.ann_path, meta) for item in list_items(project)]
     start = time.perf_counter()
     for _ in range(repeats):
@@ -170,14 +170,14 @@ def _rank_command(project: Path, cache: Path, size: int, mode: str, rank: int, t
 
 
 def _rank_job(args: argparse.Namespace) -> None:
-    """One process's part: the train and val masks as build_dataset gets them, every page read (as the
+    """One process's part: the train and val masks as create_dataset gets them, every page read (as the
     class weights and the foreground scan read them), then its own memory figures as one JSON line."""
     from plugin.training.data import CorruptionBudget, prepare_masks, split_items
     from plugin.training.mask_cache import MaskCache, load_masks
 
     project = Path(args.project)
     meta = read_meta(project)
-    mapping = build_mapping(meta, "bg", "neutral")
+    mapping = create_mapping(meta, "bg", "neutral")
     splits = split_items(list_items(project), "train", "val")
     size = (args.size, args.size)
     start = time.perf_counter()

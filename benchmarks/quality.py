@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from plugin.demo import make_inference_task
+from plugin.demo import create_inference_task
 from plugin.files import read_json, write_json
 from plugin.format.project import link_or_copy, list_items
 
@@ -105,7 +105,7 @@ def run_recipe(name: str, work: Path, data: Path, minutes: float | None = None) 
     steps = training_steps(root / "train.log")
     batch = read_json(next((train / "results").iterdir()) / "config.json")["settings"]["batch_size"]["train"]
     best = max((train / "results").iterdir())  # one validation: the only checkpoint is the best one
-    infer = make_inference_task(root / "infer", best, train / "data" / PROJECT, "val")
+    infer = create_inference_task(root / "infer", best, train / "data" / PROJECT, "val")
     sly_unet("infer", "--task-dir", str(infer.root), log=root / "infer.log")
     report_path = root / "val_report.json"
     sly_unet("evaluate", "--gt", str(infer.data_dir), "--pred", str(infer.results_dir),

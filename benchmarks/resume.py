@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 
 from plugin.config.load import read_train_config
-from plugin.demo import DEMO_CONFIG, make_demo_task
-from plugin.nn.network import create_network
 from plugin.config.schema import DEFAULT_NETWORK
-from plugin.synthetic import make_project
-from plugin.training.schedule import build_optimizer
+from plugin.demo import DEMO_CONFIG, create_demo_task
+from plugin.nn.network import create_network
+from plugin.synthetic import create_project
+from plugin.training.schedule import create_optimizer
 from plugin.training.state import Fingerprint, save_state
 
 REPO = Path(__file__).resolve().parent.parent
@@ -49,7 +49,7 @@ def bench_stop(tmp: Path, size: int, repeats: int) -> tuple[float, int]:
     times, state_size = [], 0
     for k in range(repeats):
         task = tmp / f"stop{k}"
-        make_project(task / "data" / "shapes", n_train=16, n_val=2, size=size, seed=k)
+        create_project(task / "data" / "shapes", n_train=16, n_val=2, size=size, seed=k)
         (task / "task_config.json").write_text(json.dumps(config))
         process = _train(task)
         for text in process.stdout:
@@ -76,7 +76,7 @@ def bench_state_write(tmp: Path, writes: int) -> float:
     """Median seconds of one resume-state write (synced), for the model and an optimizer that has stepped."""
     model = create_network(DEFAULT_NETWORK.spec, 4)
     config = read_train_config(_config_file(tmp))
-    optimizer = build_optimizer(model, config)
+    optimizer = create_optimizer(model, config)
     model(torch.randn(1, 3, 64, 64)).sum().backward()
     optimizer.step()
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
@@ -91,7 +91,7 @@ def bench_state_write(tmp: Path, writes: int) -> float:
 def bench_state_overhead(tmp: Path, writes: int) -> float:
     """The share of a demo-task epoch that the resume-state writes take."""
     write_s = bench_state_write(tmp, writes)
-    task = make_demo_task(tmp / "demo")
+    task = create_demo_task(tmp / "demo")
     config = dict(DEMO_CONFIG, epochs=3)
     (task.config_path).write_text(json.dumps(config))
     process = _train(task.root)

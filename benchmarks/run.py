@@ -33,15 +33,15 @@ import torch.distributed as dist
 
 from benchmarks import inference, loader, resume, train
 from benchmarks.masks import bench_rasterize
-from plugin.format.classes import NEUTRAL_INDEX, build_mapping
+from plugin.config.schema import DEFAULT_NETWORK
+from plugin.format.classes import NEUTRAL_INDEX, create_mapping
 from plugin.format.geometry import encode_bitmap
 from plugin.format.project import list_items, read_meta
 from plugin.nn.devices import WorldPlan
 from plugin.nn.losses import segmentation_loss
 from plugin.nn.network import create_network
-from plugin.config.schema import DEFAULT_NETWORK
 from plugin.training import distributed
-from plugin.training.data import CorruptionBudget, SegmentationDataset, make_loader, prepare_masks
+from plugin.training.data import CorruptionBudget, SegmentationDataset, create_loader, prepare_masks
 
 CLASSES = [
     {"title": "poly", "shape": "polygon", "color": "#FF0000"},
@@ -98,11 +98,11 @@ def make_bench_project(root: Path, images: int, seed: int = 0) -> Path:
 
 def bench_loader_vs_step(project: Path, size: int, batch: int, workers: int, steps: int) -> float:
     meta = read_meta(project)
-    mapping = build_mapping(meta, "bg", "neutral")
+    mapping = create_mapping(meta, "bg", "neutral")
     items = list_items(project)
     budget = CorruptionBudget.create("train", 0)
     kept, masks = prepare_masks(items, meta, mapping, (size, size), budget)
-    loader = make_loader(SegmentationDataset(kept, masks, (size, size), budget), batch, workers, shuffle=True)
+    loader = create_loader(SegmentationDataset(kept, masks, (size, size), budget), batch, workers, shuffle=True)
 
     seen, start = 0, time.perf_counter()
     for _epoch in range(2):

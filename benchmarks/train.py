@@ -29,14 +29,14 @@ from plugin.format.classes import ClassMapping
 from plugin.format.project import list_items
 from plugin.nn.network import create_network
 from plugin.nn.precision import Precision, prepare_model, resolve_precision
-from plugin.synthetic import make_project
+from plugin.synthetic import create_project
 from plugin.task_dir import TaskDir
-from plugin.training.data import SegmentationDataset, loader_workers, make_loader
+from plugin.training.data import SegmentationDataset, create_loader, loader_workers
 from plugin.training.loop import fit
 from plugin.training.sampler import EpochSampler
-from plugin.training.schedule import build_optimizer
+from plugin.training.schedule import create_optimizer
 from plugin.training.step import loss_fn
-from plugin.training.task import build_datasets, read_project
+from plugin.training.task import create_datasets, read_project
 
 
 class TimedLoader:
@@ -76,7 +76,7 @@ class EpochEnds(logging.Handler):
 
 
 def make_task(root: Path, size: int, images: int, batch: int, workers: int | str, amp: str, compile_: bool) -> Path:
-    make_project(root / "data" / "shapes", n_train=images, n_val=2, size=size, seed=0)
+    create_project(root / "data" / "shapes", n_train=images, n_val=2, size=size, seed=0)
     config = {
         "input_size": {"width": size, "height": size}, "batch_size": {"train": batch, "val": batch},
         "data_workers": {"train": workers, "val": 0}, "epochs": 3, "val_every": 3, "amp": amp,
@@ -90,7 +90,7 @@ def read_datasets(task: Path) -> tuple[TrainConfig, ClassMapping, SegmentationDa
     """The task dir's config, class mapping and train and val samples, as the train task builds them."""
     config = read_train_config(task / "task_config.json")
     project_dir, meta, mapping = read_project(TaskDir(task), config)
-    return (config, mapping, *build_datasets(list_items(project_dir), meta, mapping, config))
+    return (config, mapping, *create_datasets(list_items(project_dir), meta, mapping, config))
 
 
 def time_fit(task: Path, device: torch.device) -> tuple[float, float, int]:
@@ -98,8 +98,8 @@ def time_fit(task: Path, device: torch.device) -> tuple[float, float, int]:
     config, mapping, train, val = read_datasets(task)
     workers = loader_workers(config.data_workers.train, "train", 1)
     sampler = EpochSampler(len(train), 0, 1, config.seed)
-    loaders = {"train": TimedLoader(make_loader(train, config.batch_size.train, workers, sampler=sampler)),
-               "val": make_loader(val, config.batch_size.val, 0)}
+    loaders = {"train": TimedLoader(create_loader(train, config.batch_size.train, workers, sampler=sampler)),
+               "val": create_loader(val, config.batch_size.val, 0)}
     ends = EpochEnds(loaders["train"])
     events = logging.getLogger("plugin.events")
     events.addHandler(ends)
@@ -116,12 +116,12 @@ def time_fit(task: Path, device: torch.device) -> tuple[float, float, int]:
 def time_bare(task: Path, device: torch.device, precision: Precision, compile_: bool) -> float:
     """Seconds of a bare loop over one epoch's batches held in memory: forward, loss, backward, step."""
     config, mapping, train, _ = read_datasets(task)
-    loader = make_loader(train, config.batch_size.train, 0, sampler=EpochSampler(len(train), 0, 1, config.seed))
+    loader = create_loader(train, config.batch_size.train, 0, sampler=EpochSampler(len(train), 0, 1, config.seed))
     batches = [(x.to(device), y.to(device)) for x, y in loader]
     torch.manual_seed(0)
     model = prepare_model(create_network(DEFAULT_NETWORK.spec, mapping.num_classes).to(device), precision)
     net = torch.compile(model) if compile_ else model
-    optimizer = build_optimizer(model, config)
+    optimizer = create_optimizer(model, config)
     compute_loss = loss_fn(config, mapping.num_classes)
     scaler = precision.grad_scaler()
     model.train()

@@ -216,7 +216,7 @@ def _add_pixel_limit(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def create_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sly-unet", description="UNet v2 segmentation for Supervisely task dirs.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -316,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = create_parser().parse_args(argv)
     agent_log.setup(args.log_format)
     main_name, handler = COMMANDS[args.command]
     try:

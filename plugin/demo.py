@@ -11,7 +11,7 @@ from plugin.files import read_json, write_json
 from plugin.format.project import link_or_copy, list_items, read_image_tags
 from plugin.inference.evaluate import evaluate_projects, format_report
 from plugin.inference.task import infer_task
-from plugin.synthetic import make_project
+from plugin.synthetic import create_project
 from plugin.task_dir import TaskDir
 from plugin.training.task import train_task
 
@@ -32,17 +32,17 @@ DEMO_CONFIG = {
 MIN_MEAN_IOU = 0.5
 
 
-def make_demo_task(root: Path, seed: int = 0) -> TaskDir:
+def create_demo_task(root: Path, seed: int = 0) -> TaskDir:
     """A fresh train task dir: task_config.json and data/<project>/."""
     if root.exists():
         shutil.rmtree(root)
     task = TaskDir(root)
-    make_project(task.data_dir / PROJECT, n_train=48, n_val=12, size=96, seed=seed)
+    create_project(task.data_dir / PROJECT, n_train=48, n_val=12, size=96, seed=seed)
     write_json(task.config_path, DEMO_CONFIG)
     return task
 
 
-def make_inference_task(root: Path, checkpoint: Path, project: Path, tag: str) -> TaskDir:
+def create_inference_task(root: Path, checkpoint: Path, project: Path, tag: str) -> TaskDir:
     """An inference task dir: model/ = the checkpoint, data/ = the images of `project` tagged `tag`."""
     if root.exists():
         shutil.rmtree(root)
@@ -61,9 +61,9 @@ def make_inference_task(root: Path, checkpoint: Path, project: Path, tag: str) -
 
 def run_demo(out_dir: Path) -> float:
     """Train, infer on the val images, evaluate; returns the evaluated mean IoU."""
-    train = make_demo_task(out_dir / "task")
+    train = create_demo_task(out_dir / "task")
     summary = train_task(train)
-    infer = make_inference_task(out_dir / "inference", summary.best_checkpoint, train.data_dir / PROJECT, "val")
+    infer = create_inference_task(out_dir / "inference", summary.best_checkpoint, train.data_dir / PROJECT, "val")
     applied = infer_task(infer)
     report = evaluate_projects(infer.data_dir, applied.output_dir)
     write_json(out_dir / "val_metrics.json", report)

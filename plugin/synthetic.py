@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 
 from plugin.files import write_json
-from plugin.format.classes import build_mapping
+from plugin.format.classes import create_mapping
 from plugin.format.geometry import encode_bitmap
 from plugin.format.masks import rasterize
 from plugin.format.project import read_annotation, read_meta
@@ -97,13 +97,13 @@ def natural_image(height: int, width: int, seed: int) -> np.ndarray:
     return image
 
 
-def make_project(root: Path, n_train: int, n_val: int, size: int = 96, seed: int = 0) -> Path:
+def create_project(root: Path, n_train: int, n_val: int, size: int = 96, seed: int = 0) -> Path:
     """Write a project with n_train + n_val images of size x size into root; returns root."""
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
     write_json(root / "meta.json", {"classes": CLASSES, "tags": TAGS})
     meta = read_meta(root)
-    mapping = build_mapping(meta, "bg", "neutral")
+    mapping = create_mapping(meta, "bg", "neutral")
     titles = {idx: title for title, idx in mapping.with_neutral().items()}
     for i in range(n_train + n_val):
         dataset = "shapes_a" if i % 2 == 0 else "shapes_b"

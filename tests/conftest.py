@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from plugin.synthetic import make_project
+from plugin.synthetic import create_project
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
@@ -61,7 +61,7 @@ def run_entrypoint(module: str, task_dir: Path, *args: str) -> Run:
 
 def make_task(root: Path, config: dict | None = None, n_train: int = 4, n_val: int = 2, size: int = 64) -> Path:
     """A task dir with a synthetic project (rings, blobs, boxes, neutral) and a train config."""
-    make_project(root / "data" / "shapes", n_train=n_train, n_val=n_val, size=size, seed=1)
+    create_project(root / "data" / "shapes", n_train=n_train, n_val=n_val, size=size, seed=1)
     (root / "task_config.json").write_text(json.dumps(TINY_CONFIG if config is None else config, indent=4))
     return root
 
@@ -85,7 +85,7 @@ def checkpoint(trained_task: tuple[Path, Run]) -> Path:
 def image_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """The four 64x64 images of a synthetic project, for the model server's tests."""
     root = tmp_path_factory.mktemp("images")
-    make_project(root / "shapes", n_train=3, n_val=1, size=64, seed=7)
+    create_project(root / "shapes", n_train=3, n_val=1, size=64, seed=7)
     return sorted((root / "shapes").glob("*/img/*"))
 
 

@@ -17,15 +17,15 @@ from plugin.config.load import merged_train_config, read_train_config
 from plugin.config.schema import TRAIN_DEFAULTS
 from plugin.config.settings import parse_steps
 from plugin.errors import TaskError
-from plugin.format.classes import NEUTRAL_INDEX, build_mapping
+from plugin.format.classes import NEUTRAL_INDEX, create_mapping
 from plugin.format.images import read_image
 from plugin.format.project import find_project, list_items, read_meta
 from plugin.nn.preprocess import normalize, resize_image
 from plugin.task_dir import TaskDir
-from plugin.training.augment import build_augmenter
-from plugin.training.data import CorruptionBudget, SegmentationDataset, make_loader, prepare_masks, split_items
+from plugin.training.augment import create_augmenter
+from plugin.training.data import CorruptionBudget, SegmentationDataset, create_loader, prepare_masks, split_items
 from plugin.training.preview import overlay, write_preview
-from plugin.training.task import build_dataset
+from plugin.training.task import create_dataset
 from tests.conftest import REPO, TINY_CONFIG, make_task
 
 GEOMETRIC = [
@@ -48,7 +48,7 @@ def marked_square() -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.mark.parametrize("step", GEOMETRIC, ids=lambda s: s["name"])
 def test_geometric_steps_move_image_and_mask_together(step):
-    augment = build_augmenter(parse_steps([step]))
+    augment = create_augmenter(parse_steps([step]))
     image, mask = marked_square()
     moved = False
     for seed in range(5):
@@ -64,7 +64,7 @@ def test_geometric_steps_move_image_and_mask_together(step):
 
 
 def test_pixels_from_outside_the_image_are_neutral():
-    augment = build_augmenter(parse_steps([{"name": "affine", "scale": [0.5, 0.5], "rotate": [45, 45], "p": 1.0}]))
+    augment = create_augmenter(parse_steps([{"name": "affine", "scale": [0.5, 0.5], "rotate": [45, 45], "p": 1.0}]))
     image = np.full((64, 64, 3), 100, np.uint8)
     out_image, out_mask = augment(image, np.zeros((64, 64), np.uint8), 0)
     for corner in (out_mask[0, 0], out_mask[0, -1], out_mask[-1, 0], out_mask[-1, -1]):
@@ -87,9 +87,9 @@ def train_dataset(root, augmentations, seed: int = 0, scale: str = "crop") -> Se
     config = read_train_config(root / "task_config.json")
     project_dir = find_project(root / "data")
     meta = read_meta(project_dir)
-    mapping = build_mapping(meta, "bg", "neutral")
+    mapping = create_mapping(meta, "bg", "neutral")
     items = split_items(list_items(project_dir), "train", "val")["train"]
-    return build_dataset("train", items, meta, mapping, config)
+    return create_dataset("train", items, meta, mapping, config)
 
 
 @pytest.mark.parametrize("off", [False, []], ids=["false", "empty_list"])
@@ -99,7 +99,7 @@ def test_no_augmentation_gives_todays_samples_bit_for_bit(project, off):
     assert dataset.augment is None
     meta = read_meta(find_project(project / "data"))
     _, masks = prepare_masks(
-        dataset.items, meta, build_mapping(meta, "bg", "neutral"), (64, 64), CorruptionBudget.create("train", 0)
+        dataset.items, meta, create_mapping(meta, "bg", "neutral"), (64, 64), CorruptionBudget.create("train", 0)
     )
     for epoch in (0, 3):
         dataset.set_epoch(epoch)
@@ -116,7 +116,7 @@ def test_the_default_pipeline_augments_the_training_split_only(project):
     config = read_train_config(project / "task_config.json")
     meta = read_meta(find_project(project / "data"))
     items = split_items(list_items(find_project(project / "data")), "train", "val")["val"]
-    assert build_dataset("val", items, meta, build_mapping(meta, "bg", "neutral"), config).augment is None
+    assert create_dataset("val", items, meta, create_mapping(meta, "bg", "neutral"), config).augment is None
 
 
 def _plain(dataset: SegmentationDataset, index: int) -> np.ndarray:
@@ -140,7 +140,7 @@ def test_a_sample_is_a_function_of_seed_epoch_and_index(project):
 
 def test_persistent_loader_workers_follow_set_epoch(project):
     dataset = train_dataset(project, [dict(step, p=1.0) for step in TRAIN_DEFAULTS["augmentations"]])
-    loader = make_loader(dataset, 2, 2, sampler=[3, 1, 0, 2])
+    loader = create_loader(dataset, 2, 2, sampler=[3, 1, 0, 2])
     assert loader.persistent_workers
     by_epoch = []
     for epoch in range(2):

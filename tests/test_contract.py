@@ -17,16 +17,16 @@ import pytest
 import torch
 from torch import nn
 
-from plugin.format.classes import build_mapping
+from plugin.config.settings import LEGACY_NETWORK, MATCH_ALL, Mode
+from plugin.format.classes import create_mapping
 from plugin.format.images import read_image
 from plugin.format.project import list_items, read_meta
 from plugin.inference import modes
-from plugin.inference.predictor import Predictor
 from plugin.inference.apply import batching
+from plugin.inference.predictor import Predictor
 from plugin.nn.network import create_network
 from plugin.nn.tiling import TorchNetwork, network_inputs
-from plugin.config.settings import LEGACY_NETWORK, MATCH_ALL, Mode
-from plugin.synthetic import make_project, natural_image
+from plugin.synthetic import create_project, natural_image
 from plugin.task_dir import TaskDir
 from plugin.training.data import CorruptionBudget, SegmentationDataset, prepare_masks
 from plugin.training.task import train_task
@@ -50,14 +50,14 @@ class Recorder(nn.Module):
 
 def _val_dataset(project, size: tuple[int, int]) -> SegmentationDataset:
     meta = read_meta(project)
-    mapping = build_mapping(meta, "bg", "neutral")
+    mapping = create_mapping(meta, "bg", "neutral")
     budget = CorruptionBudget.create("val", 0)
     kept, masks = prepare_masks(list_items(project), meta, mapping, size, budget)
     return SegmentationDataset(kept, masks, size, budget)
 
 
 def test_inference_feeds_the_network_the_training_tensor(tmp_path):
-    project = make_project(tmp_path / "p", n_train=0, n_val=2, size=96, seed=3)
+    project = create_project(tmp_path / "p", n_train=0, n_val=2, size=96, seed=3)
     size = (64, 48)  # (width, height): a non-square input also checks the axis order of the resize
     dataset = _val_dataset(project, size)
     recorder = Recorder(create_network(LEGACY_NETWORK, 4).eval())
@@ -71,7 +71,7 @@ def test_inference_feeds_the_network_the_training_tensor(tmp_path):
 
 @pytest.mark.parametrize("path_name", ["training", "inference"])
 def test_the_network_sees_rgb_normalised_with_imagenet_statistics(tmp_path, path_name):
-    project = make_project(tmp_path / "p", n_train=0, n_val=1, size=64, seed=0)
+    project = create_project(tmp_path / "p", n_train=0, n_val=1, size=64, seed=0)
     item = list_items(project)[0]
     red = np.zeros((64, 64, 3), np.uint8)
     red[..., 2] = 255  # BGR on disk: OpenCV writes the red channel last
@@ -93,7 +93,7 @@ LEARNING_BAR = 0.5
 
 def test_a_tiny_task_trains_well_above_chance(tmp_path):
     task = TaskDir(tmp_path / "task")
-    make_project(task.data_dir / "shapes", n_train=32, n_val=8, size=64, seed=5)
+    create_project(task.data_dir / "shapes", n_train=32, n_val=8, size=64, seed=5)
     config = {
         "input_size": {"width": 64, "height": 64},
         "batch_size": {"train": 8, "val": 8},

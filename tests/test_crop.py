@@ -13,9 +13,9 @@ import torch
 
 from plugin.config.load import read_train_config
 from plugin.config.settings import LEGACY_NETWORK, Scale
-from plugin.demo import make_inference_task
+from plugin.demo import create_inference_task
 from plugin.files import read_json, write_json
-from plugin.format.classes import NEUTRAL_INDEX, build_mapping
+from plugin.format.classes import NEUTRAL_INDEX, create_mapping
 from plugin.format.images import read_image
 from plugin.format.project import find_project, list_items, read_meta
 from plugin.inference import modes
@@ -28,7 +28,7 @@ from plugin.nn.tiling import TorchNetwork, training_window
 from plugin.task_dir import TaskDir
 from plugin.training.crops import crop_origin, cut
 from plugin.training.data import WholeImageDataset, split_items
-from plugin.training.task import build_dataset, train_task
+from plugin.training.task import create_dataset, train_task
 from tests.conftest import TINY_CONFIG, make_task
 from tests.test_contract import Recorder
 
@@ -42,7 +42,7 @@ def dataset_of(root: Path, split: str = "train", **overrides):
     project = find_project(root / "data")
     meta = read_meta(project)
     items = split_items(list_items(project), "train", "val")[split]
-    return build_dataset(split, items, meta, build_mapping(meta, "bg", "neutral"), config)
+    return create_dataset(split, items, meta, create_mapping(meta, "bg", "neutral"), config)
 
 
 def find_window(image: np.ndarray, crop: np.ndarray) -> list[tuple[int, int]]:
@@ -163,7 +163,7 @@ def test_validation_scores_what_inference_writes(crop_run, tmp_path):
     # The last validation and `evaluate` on the predictions of full_image agree to the last digit: the
     # validation predicts whole images tile by tile exactly as inference does.
     task, summary = crop_run
-    infer = make_inference_task(tmp_path / "infer", summary.best_checkpoint, find_project(task.data_dir), "val")
+    infer = create_inference_task(tmp_path / "infer", summary.best_checkpoint, find_project(task.data_dir), "val")
     report = evaluate_projects(infer.data_dir, infer_task(infer).output_dir)
     assert report["mean_iou"] == pytest.approx(summary.best_val_metrics["mean_iou"], abs=1e-12)
     assert report["pixel_accuracy"] == pytest.approx(summary.best_val_metrics["accuracy"], abs=1e-12)

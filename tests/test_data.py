@@ -14,14 +14,14 @@ import pytest
 import torch
 
 from plugin.errors import TaskError
-from plugin.format.classes import NEUTRAL_INDEX, build_mapping
+from plugin.format.classes import NEUTRAL_INDEX, create_mapping
 from plugin.format.masks import rasterize
 from plugin.format.project import list_items, read_annotation, read_meta
 from plugin.nn.preprocess import normalize, resize_image, resize_mask
 from plugin.training.data import (
     CorruptionBudget,
     SegmentationDataset,
-    make_loader,
+    create_loader,
     prepare_masks,
     split_items,
 )
@@ -76,7 +76,7 @@ def test_empty_split_names_the_tag(tmp_path):
 def test_masks_are_cached_at_input_size_with_nearest_exact(tmp_path):
     project = write_project(tmp_path, [["train"], ["train"]])
     meta = read_meta(project)
-    mapping = build_mapping(meta, "bg", "neutral")
+    mapping = create_mapping(meta, "bg", "neutral")
     items = list_items(project)
     kept, masks = prepare_masks(items, meta, mapping, (24, 16), CorruptionBudget.create("train", 0))
     assert kept == items
@@ -95,7 +95,7 @@ def test_annotation_size_mismatch_is_corruption(tmp_path):
     ann["size"] = {"height": 30, "width": 48}
     ann_path.write_text(json.dumps(ann))
     meta = read_meta(project)
-    mapping = build_mapping(meta, "bg", "neutral")
+    mapping = create_mapping(meta, "bg", "neutral")
     kept, _ = prepare_masks(list_items(project), meta, mapping, (16, 16), CorruptionBudget.create("train", 1))
     assert [i.name for i in kept] == ["im0.png"]
     with pytest.raises(TaskError, match=r"48x30 .* is 48x32") as info:
@@ -126,10 +126,10 @@ def test_normalize_uses_imagenet_statistics():
 def test_loader_yields_batches_at_input_size(tmp_path, workers):
     project = write_project(tmp_path, [["train"]] * 5)
     meta = read_meta(project)
-    mapping = build_mapping(meta, "bg", "neutral")
+    mapping = create_mapping(meta, "bg", "neutral")
     budget = CorruptionBudget.create("train", 0)
     kept, masks = prepare_masks(list_items(project), meta, mapping, (32, 16), budget)
-    loader = make_loader(SegmentationDataset(kept, masks, (32, 16), budget), 2, workers, shuffle=True)
+    loader = create_loader(SegmentationDataset(kept, masks, (32, 16), budget), 2, workers, shuffle=True)
     batches = list(loader)
     assert [len(images) for images, _ in batches] == [2, 2, 1]
     images, targets = batches[0]
@@ -164,17 +164,17 @@ def test_loader_workers_do_not_hang_after_opencv_ran_in_the_parent(tmp_path):
     project = write_project(tmp_path / "p", [["train"]] * 4, size=(1024, 1200))
     script = f"""
 from pathlib import Path
-from plugin.format.classes import build_mapping
+from plugin.format.classes import create_mapping
 import numpy as np
 from plugin.nn.preprocess import resize_image
-from plugin.training.data import CorruptionBudget, SegmentationDataset, make_loader, prepare_masks
+from plugin.training.data import CorruptionBudget, SegmentationDataset, create_loader, prepare_masks
 from plugin.format.project import list_items, read_meta
 resize_image(np.zeros((2000, 2000, 3), np.uint8), 700, 700)
 meta = read_meta(Path({str(project)!r}))
-mapping = build_mapping(meta, "bg", "neutral")
+mapping = create_mapping(meta, "bg", "neutral")
 budget = CorruptionBudget.create("train", 0)
 kept, masks = prepare_masks(list_items(Path({str(project)!r})), meta, mapping, (256, 256), budget)
-loader = make_loader(SegmentationDataset(kept, masks, (256, 256), budget), 2, 2, shuffle=True)
+loader = create_loader(SegmentationDataset(kept, masks, (256, 256), budget), 2, 2, shuffle=True)
 print(sum(len(x) for x, _ in loader))
 """
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)

@@ -18,7 +18,7 @@ import torch
 
 from plugin import agent_log
 from plugin.config.load import read_train_config
-from plugin.format.classes import build_mapping
+from plugin.format.classes import create_mapping
 from plugin.format.project import find_project, list_items, read_meta
 from plugin.nn.network import create_network
 from plugin.nn.weights import WEIGHTS_NAME, load_state_dict
@@ -26,10 +26,10 @@ from plugin.parallel import threads_per_process
 from plugin.training.checkpoints import legacy_state_dict
 from plugin.training.data import split_items, val_shard
 from plugin.training.distributed import DUMP_WEIGHTS_ENV, RankFailed
-from plugin.training.step import loss_fn
 from plugin.training.sampler import EpochSampler
-from plugin.training.schedule import build_optimizer, lr_schedule, set_lr
-from plugin.training.task import apply_initial_weights, build_dataset, model_network
+from plugin.training.schedule import create_optimizer, lr_schedule, set_lr
+from plugin.training.step import loss_fn
+from plugin.training.task import apply_initial_weights, create_dataset, model_network
 from tests.conftest import REPO, TINY_CONFIG, Run, make_task, run_entrypoint
 
 
@@ -169,11 +169,11 @@ def _two_rank_step_in_one_process(task: Path) -> dict[str, torch.Tensor]:
     config = read_train_config(task / "task_config.json")
     project = find_project(task / "data")
     meta = read_meta(project)
-    mapping = build_mapping(meta, "bg", "neutral")
-    data = build_dataset("train", split_items(list_items(project), "train", "val")["train"], meta, mapping, config)
+    mapping = create_mapping(meta, "bg", "neutral")
+    data = create_dataset("train", split_items(list_items(project), "train", "val")["train"], meta, mapping, config)
     model = create_network(model_network(task / "model"), mapping.num_classes)
     apply_initial_weights(model, load_state_dict(task / "model" / WEIGHTS_NAME), "continue_training", task)
-    optimizer = build_optimizer(model, config)
+    optimizer = create_optimizer(model, config)
     compute_loss = loss_fn(config, mapping.num_classes)
     batch = config.batch_size.train
     order = [list(EpochSampler(len(data), rank=r, world_size=2, seed=config.seed)) for r in (0, 1)]

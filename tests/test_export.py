@@ -23,16 +23,16 @@ from plugin.errors import TaskError
 from plugin.format.images import read_image
 from plugin.format.project import list_items, read_annotation, read_meta
 from plugin.inference import modes
+from plugin.inference.client import Client
 from plugin.inference.export import export_onnx
 from plugin.inference.onnx_model import OnnxNetwork
 from plugin.inference.predictor import Predictor, load_predictor
 from plugin.inference.task import infer_task
-from plugin.synthetic import make_project
+from plugin.synthetic import create_project
 from plugin.task_dir import TaskDir
-from plugin.inference.client import Client
 from tests.conftest import REPO, Run, run_entrypoint
 from tests.server_process import start_server
-from tests.test_infer import MODES, link_model, make_inference_task
+from tests.test_infer import MODES, create_inference_task, link_model
 
 TOLERANCE = 1e-4
 ALL_FLIPS = ("horizontal", "vertical", "both")
@@ -85,7 +85,7 @@ def predictors(model_dir, crop_model_dir) -> dict[str, tuple[Predictor, Predicto
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> dict[str, tuple[np.ndarray, list]]:
     """A real project image (96x96, not the training size) with two of its labels, and a noise image."""
-    project = make_project(tmp_path_factory.mktemp("images") / "p", n_train=0, n_val=1, size=96, seed=7)
+    project = create_project(tmp_path_factory.mktemp("images") / "p", n_train=0, n_val=1, size=96, seed=7)
     [item] = list_items(project)
     labels = read_annotation(item.ann_path, read_meta(project)).labels[:2]
     noise = np.random.default_rng(3).integers(0, 256, (80, 96, 3), dtype=np.uint8)
@@ -183,7 +183,7 @@ def test_an_inference_task_on_onnxruntime_writes_the_objects_torch_does(model_di
     outputs = {}
     for backend in ("torch", "onnxruntime"):
         config = {"model": {"backend": backend}, "mode": {"name": "full_image", "tta": ["vertical"]}}
-        task = make_inference_task(tmp_path / backend, model_dir, config)
+        task = create_inference_task(tmp_path / backend, model_dir, config)
         if backend == "torch":
             out = infer_task(TaskDir(task)).output_dir
         else:
@@ -201,7 +201,7 @@ def test_an_inference_task_on_onnxruntime_writes_the_objects_torch_does(model_di
 
 def test_the_server_on_onnxruntime_answers_the_objects_torch_infer_adds(model_dir, tmp_path):
     mode = {"name": "sliding_window", "window": {"width": 48, "height": 48}, "min_overlap": {"x": 16, "y": 16}}
-    task = make_inference_task(tmp_path / "torch", model_dir, {"mode": mode})
+    task = create_inference_task(tmp_path / "torch", model_dir, {"mode": mode})
     out = infer_task(TaskDir(task)).output_dir
     server = start_server(model_dir, "--backend", "onnxruntime")
     try:

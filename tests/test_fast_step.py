@@ -12,19 +12,19 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from plugin.config.load import read_train_config
+from plugin.config.settings import LEGACY_NETWORK
 from plugin.format.project import list_items
 from plugin.nn.network import create_network
-from plugin.config.settings import LEGACY_NETWORK
 from plugin.nn.precision import FLOAT32, Precision, resolve_precision
 from plugin.task_dir import TaskDir
-from plugin.training.data import make_loader
+from plugin.training.data import create_loader
 from plugin.training.guard import snapshot_buffers
+from plugin.training.log_interval import iterations_between_lines
 from plugin.training.loop import fit
 from plugin.training.sampler import EpochSampler
-from plugin.training.schedule import build_optimizer
+from plugin.training.schedule import create_optimizer
 from plugin.training.step import loss_fn, train_step
-from plugin.training.task import build_datasets, read_project
-from plugin.training.log_interval import iterations_between_lines
+from plugin.training.task import create_datasets, read_project
 from tests.conftest import TINY_CONFIG, make_task, run_entrypoint
 
 # What makes the host wait for a GPU: a scalar read (item, bool, float, int; inside torch too, where
@@ -63,7 +63,7 @@ def _datasets(task: Path) -> tuple:
     """(config, class mapping, (train, val) samples) of a task dir, as the train task builds them."""
     config = read_train_config(task / "task_config.json")
     project_dir, meta, mapping = read_project(TaskDir(task), config)
-    return config, mapping, build_datasets(list_items(project_dir), meta, mapping, config)
+    return config, mapping, create_datasets(list_items(project_dir), meta, mapping, config)
 
 
 def _fit_in_process(root: Path, n_train: int) -> tuple[dict[str, int], int]:
@@ -74,8 +74,8 @@ def _fit_in_process(root: Path, n_train: int) -> tuple[dict[str, int], int]:
     task = make_task(root, config, n_train=n_train, n_val=2, size=32)
     config, mapping, (train, val) = _datasets(task)
     loaders = {
-        "train": make_loader(train, 2, 0, sampler=EpochSampler(len(train), 0, 1, config.seed)),
-        "val": make_loader(val, 2, 0),
+        "train": create_loader(train, 2, 0, sampler=EpochSampler(len(train), 0, 1, config.seed)),
+        "val": create_loader(val, 2, 0),
     }
     torch.manual_seed(0)
     model = create_network(LEGACY_NETWORK, mapping.num_classes)
@@ -97,7 +97,7 @@ def test_training_steps_read_nothing_back_from_the_device(tmp_path):
 def _one_step(precision: Precision, images: torch.Tensor, targets: torch.Tensor, config, model=None) -> tuple:
     torch.manual_seed(0)
     model = (create_network(LEGACY_NETWORK, 4) if model is None else model()).train()
-    optimizer = build_optimizer(model, config)
+    optimizer = create_optimizer(model, config)
     compute_loss = loss_fn(config, 4)
     scaler = precision.grad_scaler()
     result = train_step(model, model, optimizer, scaler, precision, compute_loss, images, targets, 1e-3,

@@ -25,7 +25,7 @@ from plugin.format.images import DEFAULT_MAX_IMAGE_PIXELS, read_image
 from plugin.format.masks import write_masks
 from plugin.format.project import list_items
 from plugin.inference.evaluate import run_evaluate
-from plugin.synthetic import make_project
+from plugin.synthetic import create_project
 from tests.conftest import REPO, TINY_CONFIG, Run, make_task, run_entrypoint
 from tests.test_hostile_images import (
     BITMAP_BOMB_SIDE,
@@ -189,7 +189,7 @@ def infer_command(root: Path, bomb: Callable[[Path], list[str]], checkpoint: Pat
     expected: list[str] = []
 
     def project(data: Path) -> None:
-        make_project(data, n_train=2, n_val=1, size=64, seed=1)
+        create_project(data, n_train=2, n_val=1, size=64, seed=1)
         expected.extend(bomb(data))
 
     inference_task(root, checkpoint, project)
@@ -197,14 +197,14 @@ def infer_command(root: Path, bomb: Callable[[Path], list[str]], checkpoint: Pat
 
 
 def masks_command(root: Path, bomb: Callable[[Path], list[str]]) -> tuple[list[str], list[str], Path]:
-    project = make_project(root / "project", n_train=2, n_val=1, size=64, seed=1)
+    project = create_project(root / "project", n_train=2, n_val=1, size=64, seed=1)
     expected = bomb(project)
     return ["-m", "plugin.cli", "masks", "--project", str(project), "--out", str(root / "out")], expected, root / "out"
 
 
 def gt_and_pred(root: Path, size: int = 64) -> tuple[Path, Path]:
     """A ground-truth project and a copy of it as the prediction (its meta with one <class>_unet class)."""
-    gt = make_project(root / "gt", n_train=2, n_val=1, size=size, seed=1)
+    gt = create_project(root / "gt", n_train=2, n_val=1, size=size, seed=1)
     pred = root / "pred"
     shutil.copytree(gt, pred)
     meta = json.loads((pred / "meta.json").read_text())
@@ -265,7 +265,7 @@ def test_the_pixel_limit_is_a_config_key_of_train_and_inference(tmp_path, checkp
     refused = run_entrypoint("entrypoints.train", train)
     assert refused.returncode == 1 and over in refused.events("TASK_CRASHED")[0]["message"]
 
-    infer = inference_task(tmp_path / "infer", checkpoint, lambda data: make_project(data, 2, 1, size=64, seed=1))
+    infer = inference_task(tmp_path / "infer", checkpoint, lambda data: create_project(data, 2, 1, size=64, seed=1))
     (infer / "task_config.json").write_text(json.dumps({"mode": {"name": "full_image"}, "max_image_pixels": 4095}))
     refused = run_entrypoint("entrypoints.inference", infer)
     assert refused.returncode == 1 and over in refused.events("TASK_CRASHED")[0]["message"]
@@ -299,7 +299,7 @@ def test_train_and_inference_refuse_symlinked_outputs(tmp_path, entrypoint: str,
 
 @pytest.mark.parametrize("linked", ["", "shapes_a", "shapes_a/img_0000.png.png"])
 def test_masks_refuses_symlinked_outputs(tmp_path, linked: str) -> None:
-    project = make_project(tmp_path / "project", n_train=2, n_val=1, size=16, seed=1)
+    project = create_project(tmp_path / "project", n_train=2, n_val=1, size=16, seed=1)
     out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
     target = out / linked
     if target.suffix == ".png":

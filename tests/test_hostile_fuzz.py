@@ -19,7 +19,7 @@ from PIL import Image
 
 from plugin.config.load import merged_inference_config, merged_train_config
 from plugin.errors import TaskError
-from plugin.format.classes import build_mapping
+from plugin.format.classes import create_mapping
 from plugin.format.geometry import encode_bitmap
 from plugin.format.images import read_image, read_image_size
 from plugin.format.masks import rasterize
@@ -118,7 +118,7 @@ def meta_and_mapping(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("fuzz_meta")
     (root / "meta.json").write_text(json.dumps({"classes": CLASSES, "tags": []}))
     meta = read_meta(root)
-    return meta, build_mapping(meta, "bg", "neutral")
+    return meta, create_mapping(meta, "bg", "neutral")
 
 
 def parse_and_draw(doc: dict, meta_and_mapping, path: Path) -> None:

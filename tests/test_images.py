@@ -13,7 +13,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from plugin.errors import TaskError
-from plugin.format.classes import build_mapping
+from plugin.format.classes import create_mapping
 from plugin.format.images import read_image, read_image_size
 from plugin.format.project import list_items, read_meta
 from plugin.training.data import CorruptionBudget, prepare_masks
@@ -130,7 +130,7 @@ def rotated_project(root: Path, ann_height: int, ann_width: int) -> Path:
 def test_training_checks_the_annotation_against_the_oriented_size(tmp_path: Path) -> None:
     oriented = rotated_project(tmp_path / "oriented", ann_height=RAW_WIDTH, ann_width=RAW_HEIGHT)
     meta = read_meta(oriented)
-    mapping = build_mapping(meta, "bg", "neutral")
+    mapping = create_mapping(meta, "bg", "neutral")
     kept, masks = prepare_masks(list_items(oriented), meta, mapping, (16, 16), CorruptionBudget.create("train", 0))
     assert [item.name for item in kept] == ["photo.jpg"] and masks[0].shape == (16, 16)
 

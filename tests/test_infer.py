@@ -23,7 +23,7 @@ from plugin.format.project import list_items, read_annotation, read_meta
 from plugin.inference import modes
 from plugin.inference.evaluate import evaluate_projects
 from plugin.inference.predictor import load_predictor
-from plugin.synthetic import make_project
+from plugin.synthetic import create_project
 from tests.conftest import REPO, Run, run_entrypoint
 
 MODES = {
@@ -41,8 +41,8 @@ def link_model(checkpoint: Path, model_dir: Path) -> None:
         os.link(f, model_dir / f.name)
 
 
-def make_inference_task(root: Path, checkpoint: Path, config: dict, size: int = 64) -> Path:
-    make_project(root / "data" / "shapes", n_train=3, n_val=2, size=size, seed=5)
+def create_inference_task(root: Path, checkpoint: Path, config: dict, size: int = 64) -> Path:
+    create_project(root / "data" / "shapes", n_train=3, n_val=2, size=size, seed=5)
     link_model(checkpoint, root / "model")
     (root / "task_config.json").write_text(json.dumps(config))
     return root
@@ -54,7 +54,7 @@ def run_infer(task: Path) -> Run:
 
 @pytest.mark.parametrize("mode", MODES, ids=list(MODES))
 def test_every_mode_writes_a_project_that_reloads(tmp_path, checkpoint, mode):
-    task = make_inference_task(tmp_path / "task", checkpoint, {"model": {"gpu_device": 0}, "mode": MODES[mode]})
+    task = create_inference_task(tmp_path / "task", checkpoint, {"model": {"gpu_device": 0}, "mode": MODES[mode]})
     run = run_infer(task)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert len(run.events("MODEL_APPLIED")) == 1
@@ -91,7 +91,7 @@ def test_every_mode_writes_a_project_that_reloads(tmp_path, checkpoint, mode):
 
 
 def test_saved_boxes_follow_the_mode(tmp_path, checkpoint):
-    task = make_inference_task(tmp_path / "task", checkpoint, {"mode": MODES["bboxes"]})
+    task = create_inference_task(tmp_path / "task", checkpoint, {"mode": MODES["bboxes"]})
     run = run_infer(task)
     assert run.returncode == 0, run.stdout[-3000:]
     out = task / "results" / "shapes"
@@ -105,7 +105,7 @@ def test_saved_boxes_follow_the_mode(tmp_path, checkpoint):
 
 def test_probabilities_are_saved_as_the_spec_says(tmp_path, checkpoint):
     config = {"mode": {"name": "full_image", "save_probabilities": True, "model_classes": {"save_classes": ["ring", "box"]}}}
-    task = make_inference_task(tmp_path / "task", checkpoint, config)
+    task = create_inference_task(tmp_path / "task", checkpoint, config)
     run = run_infer(task)
     assert run.returncode == 0, run.stdout[-3000:]
     out = task / "results" / "shapes"
@@ -129,7 +129,7 @@ def test_tta_saves_the_averaged_probabilities(tmp_path, checkpoint):
         "name": "sliding_window", "window": {"width": 48, "height": 40}, "batch_size": 4,
         "tta": True, "save_probabilities": True, "model_classes": {"save_classes": ["ring"]},
     }
-    task = make_inference_task(tmp_path / "task", checkpoint, {"mode": mode})
+    task = create_inference_task(tmp_path / "task", checkpoint, {"mode": mode})
     run = run_infer(task)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     item = list_items(task / "results" / "shapes")[0]
@@ -147,7 +147,7 @@ def test_tta_saves_the_averaged_probabilities(tmp_path, checkpoint):
 
 
 def test_evaluate_scores_the_output_project(tmp_path, checkpoint):
-    task = make_inference_task(tmp_path / "task", checkpoint, {"mode": {"name": "full_image"}})
+    task = create_inference_task(tmp_path / "task", checkpoint, {"mode": {"name": "full_image"}})
     assert run_infer(task).returncode == 0
     out_json = tmp_path / "metrics.json"
     run = run_entrypoint_cli("evaluate", "--gt", str(task / "data"), "--pred", str(task / "results"), "--out", str(out_json))
@@ -223,7 +223,7 @@ def _edit_json(path: Path, change) -> None:
 
 @pytest.mark.parametrize("case", BAD, ids=list(BAD))
 def test_bad_input_fails_without_an_output_project(tmp_path, checkpoint, case):
-    task = make_inference_task(tmp_path / "task", checkpoint, {"mode": {"name": "full_image"}})
+    task = create_inference_task(tmp_path / "task", checkpoint, {"mode": {"name": "full_image"}})
     breaker, expected = BAD[case]
     breaker(task)
     run = run_infer(task)
@@ -236,7 +236,7 @@ def test_bad_input_fails_without_an_output_project(tmp_path, checkpoint, case):
 
 
 def test_unreadable_images_are_skipped_when_allowed(tmp_path, checkpoint):
-    task = make_inference_task(tmp_path / "task", checkpoint, {"mode": {"name": "full_image"}, "allow_corrupted_images": 1})
+    task = create_inference_task(tmp_path / "task", checkpoint, {"mode": {"name": "full_image"}, "allow_corrupted_images": 1})
     broken = sorted((task / "data" / "shapes").glob("*/img/*"))[0]
     broken.write_bytes(b"not an image")
     run = run_infer(task)

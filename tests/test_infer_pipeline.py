@@ -19,14 +19,14 @@ import numpy as np
 import pytest
 import torch
 
+from plugin.config.settings import LEGACY_NETWORK
 from plugin.errors import TaskError
 from plugin.format.project import list_items
 from plugin.inference import modes
 from plugin.inference.predictor import load_predictor
-from plugin.nn.network import create_network
-from plugin.config.settings import LEGACY_NETWORK
 from plugin.inference.task import infer_task
-from plugin.synthetic import make_project
+from plugin.nn.network import create_network
+from plugin.synthetic import create_project
 from plugin.task_dir import TaskDir
 from tests.conftest import REPO
 
@@ -48,8 +48,8 @@ def model_dir(tmp_path_factory) -> Path:
 
 def make_task(root: Path, model_dir: Path, config: dict) -> TaskDir:
     """Five 64 px images in two datasets and two 80x72 ones in a third, listed first, so that batches mix sizes."""
-    project = make_project(root / "data" / "shapes", n_train=3, n_val=2, size=64, seed=5)
-    other = make_project(root / "other", n_train=3, n_val=0, size=80, seed=6)
+    project = create_project(root / "data" / "shapes", n_train=3, n_val=2, size=64, seed=5)
+    other = create_project(root / "other", n_train=3, n_val=0, size=80, seed=6)
     shutil.move(str(other / "shapes_a"), project / "big")
     for item in list_items(project):
         if item.dataset == "big":

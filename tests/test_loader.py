@@ -12,22 +12,22 @@ import pytest
 import torch
 
 from plugin.config.schema import TRAIN_DEFAULTS
-from plugin.format.classes import build_mapping
+from plugin.config.settings import Scale, parse_steps
+from plugin.format.classes import create_mapping
 from plugin.format.images import read_image, read_reduced
 from plugin.format.project import list_items, read_meta
 from plugin.nn.preprocess import read_resized
-from plugin.config.settings import Scale, parse_steps
 from plugin.synthetic import natural_image
-from plugin.training.augment import build_augmenter
+from plugin.training.augment import create_augmenter
 from plugin.training.data import (
     AUTO_WORKER_CAP,
     PREFETCH_BATCHES,
     CorruptionBudget,
     SegmentationDataset,
     WholeImageDataset,
-    make_loader,
-    prepare_masks,
+    create_loader,
     loader_workers,
+    prepare_masks,
 )
 from tests.test_reduced_decode import write_jpeg
 
@@ -51,10 +51,10 @@ def dataset(project: Path, mask_size: tuple[int, int] | float, input_size: tuple
             augment: bool = False, whole: bool = False) -> SegmentationDataset:
     meta = read_meta(project)
     budget = CorruptionBudget.create("train", 0)
-    kept, masks = prepare_masks(list_items(project), meta, build_mapping(meta, "bg", "neutral"), mask_size, budget)
+    kept, masks = prepare_masks(list_items(project), meta, create_mapping(meta, "bg", "neutral"), mask_size, budget)
     if whole:
         return WholeImageDataset(kept, masks, input_size, budget)
-    augmenter = build_augmenter(parse_steps(TRAIN_DEFAULTS["augmentations"])) if augment else None
+    augmenter = create_augmenter(parse_steps(TRAIN_DEFAULTS["augmentations"])) if augment else None
     return SegmentationDataset(kept, masks, input_size, budget, augmenter, seed=7, scale=scale)
 
 
@@ -119,7 +119,7 @@ def test_a_worker_count_is_taken_as_given(monkeypatch) -> None:
 @pytest.mark.parametrize("workers", [0, 2])
 def test_loader_keeps_workers_prefetches_and_pins_on_cuda(tmp_path: Path, workers: int) -> None:
     project = jpeg_project(tmp_path / "p", 64, 48)
-    loader = make_loader(dataset(project, (32, 16), (32, 16), Scale("resize")), 2, workers)
+    loader = create_loader(dataset(project, (32, 16), (32, 16), Scale("resize")), 2, workers)
     assert loader.num_workers == workers
     assert loader.persistent_workers == (workers > 0)
     assert loader.prefetch_factor == (PREFETCH_BATCHES if workers else None)

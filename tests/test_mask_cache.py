@@ -17,14 +17,14 @@ import cv2
 import numpy as np
 import pytest
 
+from plugin.config.settings import RESIZE, Scale, parse_steps
 from plugin.errors import Stopped, TaskError
-from plugin.format.classes import build_mapping
+from plugin.format.classes import create_mapping
 from plugin.format.masks import write_masks
 from plugin.format.project import list_items, read_meta
 from plugin.nn.devices import WorldPlan
 from plugin.training import distributed, stop
-from plugin.config.settings import RESIZE, Scale, parse_steps
-from plugin.training.augment import build_augmenter
+from plugin.training.augment import create_augmenter
 from plugin.training.data import CorruptionBudget, SegmentationDataset, prepare_masks
 from plugin.training.mask_cache import MaskCache, load_masks
 from tests.conftest import REPO
@@ -33,7 +33,7 @@ from tests.test_masks import poly, rect, write_project
 SIZES = [(40, 60), (33, 50), (64, 48), (20, 20)]
 
 
-def make_project(root: Path) -> Path:
+def create_project(root: Path) -> Path:
     images = {}
     for i, (height, width) in enumerate(SIZES):
         objects = [rect("b", [[i, 2], [width // 2, height - 3]]), poly("a", [[5, 5], [width + 9, 9], [12, height]])]
@@ -44,14 +44,14 @@ def make_project(root: Path) -> Path:
 
 def load(project: Path, folder: Path, size=(24, 16), token: str = "run", builder: bool = True, allowed: int = 0):
     meta = read_meta(project)
-    mapping = build_mapping(meta, "bg", "neutral")
+    mapping = create_mapping(meta, "bg", "neutral")
     cache = MaskCache(folder, builder=builder, token=token, workers=2)
     return load_masks(list_items(project), meta, mapping, size, CorruptionBudget.create("train", allowed), cache, "train")
 
 
 def uncached(project: Path, size=(24, 16)) -> list[np.ndarray]:
     meta = read_meta(project)
-    return prepare_masks(list_items(project), meta, build_mapping(meta, "bg", "neutral"), size,
+    return prepare_masks(list_items(project), meta, create_mapping(meta, "bg", "neutral"), size,
                          CorruptionBudget.create("train", 0))[1]
 
 
@@ -64,7 +64,7 @@ def assert_same(masks: list[np.ndarray], expected: list[np.ndarray]) -> None:
 
 @pytest.mark.parametrize("size", [(24, 16), 0.5, 1.0])
 def test_cached_masks_are_the_uncached_ones_memory_mapped_read_only(tmp_path, size):
-    project = make_project(tmp_path / "p")
+    project = create_project(tmp_path / "p")
     kept, masks = load(project, tmp_path / "cache", size)
     assert kept == list_items(project)
     assert_same(masks, uncached(project, size))
@@ -74,7 +74,7 @@ def test_cached_masks_are_the_uncached_ones_memory_mapped_read_only(tmp_path, si
 
 
 def test_a_second_build_reads_the_cache_and_draws_nothing(tmp_path, caplog):
-    project = make_project(tmp_path / "p")
+    project = create_project(tmp_path / "p")
     folder = tmp_path / "cache"
     with caplog.at_level(logging.INFO):
         load(project, folder, token="first")
@@ -95,7 +95,7 @@ def entry(folder: Path, name: str) -> dict:
 
 
 def test_a_flipped_pixel_is_found_warned_about_and_drawn_again(tmp_path, caplog):
-    project = make_project(tmp_path / "p")
+    project = create_project(tmp_path / "p")
     folder = tmp_path / "cache"
     load(project, folder)
     second = entry(folder, "ds/im1.png")
@@ -114,7 +114,7 @@ def test_a_flipped_pixel_is_found_warned_about_and_drawn_again(tmp_path, caplog)
 
 
 def test_a_truncated_pack_is_rebuilt(tmp_path, caplog):
-    project = make_project(tmp_path / "p")
+    project = create_project(tmp_path / "p")
     folder = tmp_path / "cache"
     load(project, folder)
     pack = folder / "train.pack"
@@ -127,7 +127,7 @@ def test_a_truncated_pack_is_rebuilt(tmp_path, caplog):
 
 
 def test_a_changed_annotation_gets_a_new_entry(tmp_path, caplog):
-    project = make_project(tmp_path / "p")
+    project = create_project(tmp_path / "p")
     folder = tmp_path / "cache"
     _, old = load(project, folder)
     old = [np.array(m) for m in old]
@@ -143,7 +143,7 @@ def test_a_changed_annotation_gets_a_new_entry(tmp_path, caplog):
 
 
 def test_a_renamed_image_reuses_its_mask_under_the_new_name(tmp_path, caplog):
-    project = make_project(tmp_path / "p")
+    project = create_project(tmp_path / "p")
     folder = tmp_path / "cache"
     load(project, folder)
     (project / "ds" / "img" / "im0.png").rename(project / "ds" / "img" / "im9.png")
@@ -156,10 +156,10 @@ def test_a_renamed_image_reuses_its_mask_under_the_new_name(tmp_path, caplog):
 
 
 def test_corrupted_items_spend_the_budget_on_every_run(tmp_path, caplog):
-    project = make_project(tmp_path / "p")
+    project = create_project(tmp_path / "p")
     cv2.imwrite(str(project / "ds" / "img" / "im3.png"), np.zeros((21, 20, 3), np.uint8))  # not the annotation's size
     meta = read_meta(project)
-    expected = prepare_masks(list_items(project), meta, build_mapping(meta, "bg", "neutral"), (24, 16),
+    expected = prepare_masks(list_items(project), meta, create_mapping(meta, "bg", "neutral"), (24, 16),
                              CorruptionBudget.create("train", 1))
     for token in ("first", "second"):  # drawn, then from the cache
         caplog.clear()
@@ -177,7 +177,7 @@ def _wait_for_masks(project: Path, folder: Path, results) -> None:
 
 
 def test_a_waiting_process_draws_nothing_and_maps_the_builders_masks(tmp_path):
-    project = make_project(tmp_path / "p")
+    project = create_project(tmp_path / "p")
     folder = tmp_path / "cache"
     folder.mkdir()
     results = multiprocessing.get_context("fork").Queue()
@@ -198,7 +198,7 @@ def test_a_waiting_process_draws_nothing_and_maps_the_builders_masks(tmp_path):
 def _rank_masks(ctx: distributed.DistContext, project: Path, folder: Path) -> list[tuple]:
     meta = read_meta(project)
     cache = MaskCache(folder, builder=ctx.local_rank == 0, token=distributed.broadcast_from_main(f"{time.time()}"))
-    _, masks = load_masks(list_items(project), meta, build_mapping(meta, "bg", "neutral"), (24, 16),
+    _, masks = load_masks(list_items(project), meta, create_mapping(meta, "bg", "neutral"), (24, 16),
                           CorruptionBudget.create("train", 0), cache, "train")
     pack = (folder / "train.pack").stat()
     summary = (pack.st_ino, pack.st_mtime_ns, [m.tobytes() for m in masks], all(m.filename for m in masks))
@@ -210,7 +210,7 @@ def _rank_masks(ctx: distributed.DistContext, project: Path, folder: Path) -> li
 
 
 def test_two_processes_share_one_build(tmp_path):
-    project = make_project(tmp_path / "p")
+    project = create_project(tmp_path / "p")
     folder = tmp_path / "cache"
     rank0, rank1 = distributed.launch(WorldPlan(2, ()), _rank_masks, (project, folder))
     assert rank0 == rank1  # the same file, written once, mapped by both
@@ -219,7 +219,7 @@ def test_two_processes_share_one_build(tmp_path):
 
 
 def test_masks_command_writes_the_same_files_with_two_workers(tmp_path):
-    project = make_project(tmp_path / "p")
+    project = create_project(tmp_path / "p")
     outputs = {}
     for workers in (1, 2):
         out = tmp_path / f"out{workers}"
@@ -233,7 +233,7 @@ def test_masks_command_writes_the_same_files_with_two_workers(tmp_path):
 
 
 def test_the_masks_command_imports_neither_torch_nor_the_schema_validator(tmp_path):
-    project = make_project(tmp_path / "p")
+    project = create_project(tmp_path / "p")
     code = (f"import sys; from plugin.cli import main; main(['masks', '--project', {str(project)!r}, '--out', "
             f"{str(tmp_path / 'out')!r}, '--log-format', 'json']); "
             "print([m for m in ('torch', 'jsonschema', 'albumentations') if m in sys.modules])")
@@ -249,11 +249,11 @@ def test_samples_from_the_read_only_masks_are_those_of_the_uncached_ones(tmp_pat
     steps = parse_steps([{"name": n, "p": 1.0} for n in ("hflip", "vflip", "rotate90")]
                         + [{"name": "affine", "scale": [0.8, 1.2], "rotate": [-40, 40], "p": 1.0},
                            {"name": "elastic", "alpha": 400, "sigma": 8, "p": 1.0}])
-    project = make_project(tmp_path / "p")
+    project = create_project(tmp_path / "p")
     size = (24, 24) if not scale.crops else 1.0
     items, cached = load(project, tmp_path / "cache", size)
     budget = CorruptionBudget.create("train", 0)
-    datasets = [SegmentationDataset(items, masks, (24, 24), budget, build_augmenter(steps), 3, scale, 0.5)
+    datasets = [SegmentationDataset(items, masks, (24, 24), budget, create_augmenter(steps), 3, scale, 0.5)
                 for masks in (cached, uncached(project, size))]
     for index in range(len(items)):
         (image, mask), (want_image, want_mask) = (d.sample(index) for d in datasets)
@@ -264,7 +264,7 @@ def test_samples_from_the_read_only_masks_are_those_of_the_uncached_ones(tmp_pat
 
 @pytest.mark.parametrize("builder", [True, False], ids=["builder", "waiter"])
 def test_a_stop_signal_ends_the_build_or_the_wait(tmp_path, builder):
-    project = make_project(tmp_path / "p")
+    project = create_project(tmp_path / "p")
     folder = tmp_path / "cache"
     stop.install()
     try:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from plugin.format.classes import build_mapping
+from plugin.format.classes import create_mapping
 from plugin.format.geometry import decode_bitmap, encode_bitmap
 from plugin.format.masks import encode_png, rasterize, write_masks
 from plugin.format.project import list_items, read_annotation, read_meta
@@ -52,7 +52,7 @@ def mask_of(tmp_path: Path, objects: list, height: int, width: int) -> np.ndarra
     root = write_project(tmp_path / "p", {("ds", "i.png"): ({"size": {"height": height, "width": width},
                                                              "tags": [], "objects": objects}, (height, width))})
     meta = read_meta(root)
-    return rasterize(read_annotation(list_items(root)[0].ann_path, meta), build_mapping(meta, "bg", "neutral"))
+    return rasterize(read_annotation(list_items(root)[0].ann_path, meta), create_mapping(meta, "bg", "neutral"))
 
 
 def test_spec_example_b_overlap_and_border(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from plugin.training.schedule import (
     LrPolicy,
     LrSchedule,
     TimeBudget,
-    build_optimizer,
+    create_optimizer,
     lr_schedule,
     plateau_policy,
 )
@@ -111,7 +111,7 @@ def test_defaults_are_adamw_with_decay_and_poly_with_warmup(tmp_path):
     assert (config.optimizer, config.weight_decay) == ("adamw", 0.01)
     assert (config.lr_schedule, config.warmup_epochs) == ("poly", 0.5)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
-    optimizer = build_optimizer(model, config)
+    optimizer = create_optimizer(model, config)
     assert type(optimizer) is torch.optim.AdamW
     decay = {tuple(p.shape): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
     # The conv kernel decays; its bias and the BatchNorm scale and shift (all of shape (4,)) do not.
@@ -127,7 +127,7 @@ def test_a_legacy_config_with_lr_decreasing_keeps_the_plateau_rule_and_adam(tmp_
     assert [r.getMessage() for r in caplog.records if "legacy rule" in r.getMessage()]
     policy = plateau_policy(config)
     assert (policy.patience, policy.divisor) == (1000, 5)
-    assert type(build_optimizer(torch.nn.Linear(2, 2), config)) is torch.optim.Adam
+    assert type(create_optimizer(torch.nn.Linear(2, 2), config)) is torch.optim.Adam
 
 
 def test_explicit_keys_win_over_the_legacy_rule(tmp_path, caplog):

@@ -26,7 +26,7 @@ from plugin.format.project import list_items
 from plugin.inference.client import Client, ServerError
 from plugin.inference.predictor import load_predictor
 from plugin.inference.task import infer_task
-from plugin.synthetic import make_project
+from plugin.synthetic import create_project
 from plugin.task_dir import TaskDir
 from tests.conftest import REPO
 from tests.server_process import start_server
@@ -63,7 +63,7 @@ def expected(tmp_path_factory, checkpoint) -> dict[str, dict[Path, tuple[dict, l
     out: dict = {}
     for name, mode in MODES.items():
         root = tmp_path_factory.mktemp(f"infer-{name}")
-        make_project(root / "data" / "shapes", n_train=2, n_val=1, size=64, seed=5)
+        create_project(root / "data" / "shapes", n_train=2, n_val=1, size=64, seed=5)
         (root / "model").mkdir()
         for f in checkpoint.iterdir():
             os.link(f, root / "model" / f.name)

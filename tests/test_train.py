@@ -12,7 +12,7 @@ import torch
 from plugin.config.load import read_train_config
 from plugin.config.settings import TrainConfig
 from plugin.format.project import list_items
-from plugin.synthetic import make_project
+from plugin.synthetic import create_project
 from plugin.training.task import presented_scale
 from tests.conftest import ISBI, TINY_CONFIG, make_task, run_entrypoint
 
@@ -149,7 +149,7 @@ def test_a_few_iterations_on_the_isbi_membranes(tmp_path):
 def test_checkpoints_record_the_scale_training_presented(tmp_path):
     # Resize training of 96 px images at a 64 x 32 input: input / image side per axis (the median over
     # the train images). Crop training: the factor.
-    items = list_items(make_project(tmp_path / "p", n_train=3, n_val=0, size=96, seed=0))
+    items = list_items(create_project(tmp_path / "p", n_train=3, n_val=0, size=96, seed=0))
     (tmp_path / "task_config.json").write_text(json.dumps({"input_size": {"width": 64, "height": 32}}))
     config = read_train_config(tmp_path / "task_config.json")
     assert presented_scale(config, items) == {"x": 64 / 96, "y": 32 / 96}

@@ -41,7 +41,7 @@ def titles_by_index(title_to_idx: dict[str, int]) -> list[str]:
     return [by_index.get(i, f"class_{i}") for i in range(max(title_to_idx.values()) + 1)]
 
 
-def build_mapping(meta: ProjectMeta, background: str, neutral: str) -> ClassMapping:
+def create_mapping(meta: ProjectMeta, background: str, neutral: str) -> ClassMapping:
     if background == neutral:
         raise TaskError(f"background and neutral are both {background!r}; they must differ", where="special_classes")
     others = sorted({c.title for c in meta.classes} - {background, neutral})

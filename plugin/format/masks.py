@@ -15,7 +15,7 @@ from isal import isal_zlib
 
 from plugin.errors import TaskError
 from plugin.files import refuse_symlink, write_file, write_json
-from plugin.format.classes import ClassMapping, build_mapping
+from plugin.format.classes import ClassMapping, create_mapping
 from plugin.format.geometry import draw
 from plugin.format.images import PNG_SIGNATURE, read_image_size
 from plugin.format.project import (
@@ -68,7 +68,7 @@ def write_masks(project_dir: Path, out_dir: Path, background: str, neutral: str,
     for path in (out_dir, staging):
         refuse_symlink(path)
     meta = read_meta(project_dir)
-    mapping = build_mapping(meta, background, neutral)
+    mapping = create_mapping(meta, background, neutral)
     items = list_items(project_dir)
     shutil.rmtree(staging, ignore_errors=True)
     job = partial(_write_mask, meta=meta, mapping=mapping, out_dir=staging)

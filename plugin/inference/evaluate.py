@@ -30,7 +30,7 @@ import torch
 
 from plugin.errors import TaskError
 from plugin.files import write_json
-from plugin.format.classes import NEUTRAL_INDEX, ClassMapping, build_mapping, titles_by_index
+from plugin.format.classes import NEUTRAL_INDEX, ClassMapping, create_mapping, titles_by_index
 from plugin.format.images import read_image_size
 from plugin.format.masks import draw_labels, rasterize
 from plugin.format.project import check_image_size, find_project, list_items, read_annotation, read_meta
@@ -51,7 +51,7 @@ def evaluate_projects(
     """
     gt_project, pred_project = find_project(Path(gt_dir)), find_project(Path(pred_dir))
     gt_meta, pred_meta = read_meta(gt_project), read_meta(pred_project)
-    mapping = build_mapping(gt_meta, background, neutral)
+    mapping = create_mapping(gt_meta, background, neutral)
     predicted = _predicted_titles(mapping, suffix)
     if not any(pred_meta.class_by_title(title) for title in predicted):
         # A wrong --suffix would otherwise score an all-background prediction without a word.

@@ -59,7 +59,7 @@ def serve(options: ServeOptions) -> None:
     model = ServedModel()
     held = AsyncRequests(options.max_async_requests, options.async_ttl_seconds)
     config = uvicorn.Config(
-        build_app(model, options, held), log_config=None, access_log=False,
+        create_app(model, options, held), log_config=None, access_log=False,
         timeout_graceful_shutdown=options.drain_seconds,
     )
     server = uvicorn.Server(config)
@@ -113,7 +113,7 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def build_app(model: ServedModel, options: ServeOptions, held: AsyncRequests) -> Any:
+def create_app(model: ServedModel, options: ServeOptions, held: AsyncRequests) -> Any:
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
     from starlette.requests import Request

@@ -174,8 +174,3 @@ def check_input_size(x: torch.Tensor, divisor: int) -> None:
             f"{divisor} so that the decoder meets the encoder's skip connections",
             where="input_size",
         )
-
-
-def build_model(num_classes: int) -> UNetV2:
-    """A freshly initialised UNetV2 on the CPU, in training mode."""
-    return UNetV2(num_classes)

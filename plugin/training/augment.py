@@ -40,7 +40,7 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
 
 
-def build_augmenter(steps: tuple[Step, ...]) -> Augmenter | None:
+def create_augmenter(steps: tuple[Step, ...]) -> Augmenter | None:
     """The augmenter of the config's steps, or None when there are none."""
     if not steps:
         return None

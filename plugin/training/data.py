@@ -327,7 +327,7 @@ def val_shard(size: int, rank: int, world_size: int) -> tuple[list[int], int]:
     return shard + [size] * (longest - len(shard)), len(shard)
 
 
-def make_loader(
+def create_loader(
     dataset: SegmentationDataset,
     batch_size: int,
     workers: int,

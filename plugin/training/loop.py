@@ -37,21 +37,21 @@ from plugin.training.checkpoints import CheckpointWriter, checkpoint_config
 from plugin.training.data import batches
 from plugin.training.distributed import DistContext
 from plugin.training.guard import NonFiniteSteps, restore_buffers, snapshot_buffers
+from plugin.training.log_interval import LogInterval, headline, iterations_between_lines
 from plugin.training.sampler import EpochSampler
 from plugin.training.schedule import (
     EarlyStopping,
     EvalPlanner,
     LrPolicy,
     TimeBudget,
-    build_optimizer,
     check_metric,
+    create_optimizer,
     lr_schedule,
     plateau_policy,
 )
 from plugin.training.state import Position, log_resume, resumed_position, rng_states, set_rng_states
 from plugin.training.step import log_precision, loss_fn, train_step
 from plugin.training.validate import validate
-from plugin.training.log_interval import LogInterval, headline, iterations_between_lines
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ def fit(
     net = distributed.wrap_model(model, device, ctx, config.sync_batchnorm)
     if config.compile:
         net = torch.compile(net)
-    optimizer = build_optimizer(model, config)
+    optimizer = create_optimizer(model, config)
     scaler = precision.grad_scaler()
     compute_loss = loss_fn(config, mapping.num_classes, class_weights)
     titles = titles_by_index(mapping.title_to_idx)

@@ -183,7 +183,7 @@ def plateau_policy(config: TrainConfig) -> LrPolicy | None:
     return LrPolicy(config.plateau_patience, config.plateau_divisor)
 
 
-def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+def create_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     """Adam or AdamW at config.lr, with weight decay on the conv weights only.
 
     Biases and BatchNorm scales/shifts (the 1-d parameters) are not decayed: shrinking them toward 0

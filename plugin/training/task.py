@@ -22,7 +22,7 @@ from plugin.config.schema import DEFAULT_NETWORK
 from plugin.config.settings import LEGACY_NETWORK, NetworkChoice, NetworkSpec, Scale, TrainConfig
 from plugin.errors import TaskError
 from plugin.files import read_json, refuse_symlink
-from plugin.format.classes import NEUTRAL_INDEX, ClassMapping, build_mapping, check_continue_training, titles_by_index
+from plugin.format.classes import NEUTRAL_INDEX, ClassMapping, check_continue_training, create_mapping, titles_by_index
 from plugin.format.images import read_image_size, set_max_image_pixels
 from plugin.format.project import ProjectMeta, find_project, list_items, read_meta
 from plugin.nn.devices import WorldPlan, plan_world
@@ -38,14 +38,14 @@ from plugin.nn.weights import CONFIG_NAME, WEIGHTS_NAME, load_continue, load_sta
 from plugin.plots import write_curves
 from plugin.task_dir import TaskDir
 from plugin.training import distributed, stop
-from plugin.training.augment import build_augmenter
+from plugin.training.augment import create_augmenter
 from plugin.training.checkpoints import CheckpointWriter
 from plugin.training.data import (
     CorruptionBudget,
     SegmentationDataset,
     WholeImageDataset,
+    create_loader,
     loader_workers,
-    make_loader,
     prepare_masks,
     split_items,
     val_shard,
@@ -103,7 +103,7 @@ def train_rank(ctx: DistContext, task: TaskDir, config: TrainConfig, world: Worl
     # The node's local rank 0 draws the masks; the others wait for this run's token, then map its files.
     token = distributed.broadcast_from_main(secrets.token_hex(8))
     cache = MaskCache(task.mask_cache_dir, builder=ctx.local_rank == 0, token=token)
-    train_data, val_data = build_datasets(items, meta, mapping, config, cache)
+    train_data, val_data = create_datasets(items, meta, mapping, config, cache)
     titles = titles_by_index(mapping.title_to_idx)
     class_weights = resolve_class_weights(config.class_weights, titles, train_data.masks, NEUTRAL_INDEX)
     if config.class_weights == "auto" and ctx.is_main:
@@ -117,9 +117,9 @@ def train_rank(ctx: DistContext, task: TaskDir, config: TrainConfig, world: Worl
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
     workers = {split: loader_workers(config.data_workers.of(split), split, per_node) for split in ("train", "val")}
     loaders = {
-        "train": make_loader(train_data, config.batch_size.train, workers["train"], sampler=train_sampler),
+        "train": create_loader(train_data, config.batch_size.train, workers["train"], sampler=train_sampler),
         # Whole images of any size, one per batch: batch_size.val then counts the tiles per forward.
-        "val": make_loader(
+        "val": create_loader(
             val_data, 1 if isinstance(val_data, WholeImageDataset) else config.batch_size.val,
             workers["val"], sampler=val_indices,
         ),
@@ -227,7 +227,7 @@ def read_project(task: TaskDir, config: TrainConfig) -> tuple[Path, ProjectMeta,
     """The task dir's project folder, its meta and the class mapping the config's special classes give."""
     project_dir = find_project(task.data_dir)
     meta = read_meta(project_dir)
-    return project_dir, meta, build_mapping(meta, config.background, config.neutral)
+    return project_dir, meta, create_mapping(meta, config.background, config.neutral)
 
 
 def read_initial_weights(model_dir: Path, init_type: str, mapping: ClassMapping) -> dict[str, torch.Tensor] | None:
@@ -268,15 +268,15 @@ def apply_initial_weights(
         )
 
 
-def build_datasets(
+def create_datasets(
     items: list, meta: ProjectMeta, mapping: ClassMapping, config: TrainConfig, cache: MaskCache | None = None
 ) -> tuple[SegmentationDataset, SegmentationDataset]:
-    """The train and val samples of a project's items, split by the config's tags (build_dataset)."""
+    """The train and val samples of a project's items, split by the config's tags (create_dataset)."""
     splits = split_items(items, config.train_tag, config.val_tag)
-    return tuple(build_dataset(split, splits[split], meta, mapping, config, cache) for split in ("train", "val"))
+    return tuple(create_dataset(split, splits[split], meta, mapping, config, cache) for split in ("train", "val"))
 
 
-def build_dataset(
+def create_dataset(
     split: str, items: list, meta: ProjectMeta, mapping: ClassMapping, config: TrainConfig,
     cache: MaskCache | None = None,
 ) -> SegmentationDataset:
@@ -304,7 +304,7 @@ def build_dataset(
         return WholeImageDataset(kept, masks, size, budget)
     if scale.crops:
         _warn_small_images(masks, size, scale)
-    augment = build_augmenter(config.augmentations) if split == "train" else None
+    augment = create_augmenter(config.augmentations) if split == "train" else None
     return SegmentationDataset(kept, masks, size, budget, augment, config.seed, scale, config.foreground_oversampling)
 
 

@@ -36,10 +36,10 @@ from pathlib import Path
 
 from plugin.errors import TaskError
 from plugin.format.images import read_image
-from plugin.inference.client import Client
 from plugin.format.project import Annotation, list_items, read_annotation, read_meta
+from plugin.inference.client import Client
 from plugin.nn.weights import load_state_dict
-from plugin.synthetic import make_project
+from plugin.synthetic import create_project
 
 REPO = Path(__file__).resolve().parents[2]
 MOUNT = "/sly_task_data"
@@ -170,7 +170,7 @@ def expect(condition: bool, message: str, run: Run | None = None) -> None:
 
 
 def make_task_dir(root: Path, config: dict) -> Path:
-    make_project(root / "data" / PROJECT, n_train=8, n_val=2, size=64, seed=3)
+    create_project(root / "data" / PROJECT, n_train=8, n_val=2, size=64, seed=3)
     (root / "task_config.json").write_text(json.dumps(config, indent=4))
     return root
 
