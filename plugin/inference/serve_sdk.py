@@ -22,6 +22,7 @@ from plugin.config.load import mode_config
 from plugin.config.settings import Mode
 from plugin.errors import LimitExceeded, TaskError
 from plugin.files import parse_json
+from plugin.inference import serving
 from plugin.inference.sdk_protocol import (
     AsyncRequest,
     AsyncRequests,
@@ -33,19 +34,7 @@ from plugin.inference.sdk_protocol import (
     session_info,
     settings_mode,
 )
-from plugin.inference.serving import (
-    REQUEST,
-    Forbidden,
-    ServedModel,
-    ServeOptions,
-    content_type,
-    error_response,
-    file_parts,
-    guarded,
-    json_part,
-    read_body,
-    read_form,
-)
+from plugin.inference.serving import ServedModel, ServeOptions
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +90,7 @@ def sdk_routes(model: ServedModel, options: ServeOptions, held: AsyncRequests) -
                                 "/inference_batch)", where="files")
             mode, confidence = request_mode(state)
             return JSONResponse(image_result(await predict_request(model.queue, mode, files[0][1], None, confidence)))
-        return await guarded(handle, model, options)
+        return await serving.guarded(handle, model, options)
 
     async def inference_batch(request: Request) -> JSONResponse:
         async def handle() -> JSONResponse:
@@ -114,7 +103,7 @@ def sdk_routes(model: ServedModel, options: ServeOptions, held: AsyncRequests) -
 
             await asyncio.to_thread(predict_files, model.queue, mode, files, confidence, keep)
             return JSONResponse(results)
-        return await guarded(handle, model, options)
+        return await serving.guarded(handle, model, options)
 
     async def inference_image_url(request: Request) -> JSONResponse:
         async def handle() -> JSONResponse:
@@ -122,7 +111,7 @@ def sdk_routes(model: ServedModel, options: ServeOptions, held: AsyncRequests) -
             mode, confidence = request_mode(state)
             image = await asyncio.to_thread(_fetch, state.get("image_url"), options)
             return JSONResponse(image_result(await predict_request(model.queue, mode, image, None, confidence)))
-        return await guarded(handle, model, options)
+        return await serving.guarded(handle, model, options)
 
     async def inference_batch_async(request: Request) -> JSONResponse:
         waiting = model.not_ready()
@@ -132,7 +121,7 @@ def sdk_routes(model: ServedModel, options: ServeOptions, held: AsyncRequests) -
             state, files = await _upload(request, options)
             mode, confidence = request_mode(state)
         except TaskError as exc:
-            return error_response(exc)
+            return serving.error_response(exc)
         queue = model.queue
 
         def run(job: AsyncRequest, lock: threading.Lock) -> None:
@@ -155,7 +144,7 @@ def sdk_routes(model: ServedModel, options: ServeOptions, held: AsyncRequests) -
         try:
             job = held.start(len(files), run)
         except TaskError as exc:
-            return error_response(exc)
+            return serving.error_response(exc)
         return JSONResponse({"message": "Scheduled inference task.", "inference_request_uuid": job.uuid,
                              "progress": job.status()["progress"]})
 
@@ -166,7 +155,7 @@ def sdk_routes(model: ServedModel, options: ServeOptions, held: AsyncRequests) -
                 state = await _json_state(request, options)
                 return JSONResponse(act(state.get("inference_request_uuid")))
             except TaskError as exc:
-                return error_response(exc)
+                return serving.error_response(exc)
         return route
 
     def stop(request_uuid: object) -> dict:
@@ -204,28 +193,28 @@ def sdk_routes(model: ServedModel, options: ServeOptions, held: AsyncRequests) -
 
 async def _json_state(request: Any, options: ServeOptions) -> dict:
     """The `state` of an SDK JSON body ({} for an empty body)."""
-    body = await read_body(request, options.max_request_bytes)
+    body = await serving.read_body(request, options.max_request_bytes)
     if not body.strip():
         return {}
-    return _state_of(parse_json(body, REQUEST).get("state"))
+    return _state_of(parse_json(body, serving.REQUEST).get("state"))
 
 
 async def _upload(request: Any, options: ServeOptions) -> tuple[dict, list[tuple[str, bytes]]]:
     """(state, [(file name, bytes)]) of an SDK upload: the images in `files`, the state in `state` or
     `settings` (a JSON field or file part, the SDK sends either)."""
-    body = await read_body(request, options.max_request_bytes)
-    if content_type(request) != "multipart/form-data":
-        raise TaskError("send the images as multipart/form-data, in the field \"files\"", where=REQUEST)
-    form = await read_form(request, body, options.max_request_bytes, max_files=options.max_batch_files + 2)
-    files = await file_parts(form, "files")
+    body = await serving.read_body(request, options.max_request_bytes)
+    if serving.content_type(request) != "multipart/form-data":
+        raise TaskError("send the images as multipart/form-data, in the field \"files\"", where=serving.REQUEST)
+    form = await serving.read_form(request, body, options.max_request_bytes, max_files=options.max_batch_files + 2)
+    files = await serving.file_parts(form, "files")
     if not files:
         raise TaskError("the form has no image in the field \"files\"", where="files")
     if len(files) > options.max_batch_files:
         raise LimitExceeded(f"{len(files)} files in one request, over the limit of {options.max_batch_files} "
                             "(--max-batch-files)", where="files")
-    state = await json_part(form, "state")
+    state = await serving.json_part(form, "state")
     if not state:  # the SDK's rule: an empty state gives way to settings
-        state = await json_part(form, "settings")
+        state = await serving.json_part(form, "settings")
     return _state_of(state), files
 
 
@@ -239,12 +228,12 @@ def _state_of(state: object) -> dict:
 
 def _fetch(url: object, options: ServeOptions) -> bytes:
     """The bytes at an http(s) URL, within --max-request-bytes and --url-timeout-seconds in all;
-    Forbidden unless the server was started with --allow-url-fetch (it would otherwise fetch any
+    serving.Forbidden unless the server was started with --allow-url-fetch (it would otherwise fetch any
     address its network reaches, for whoever can reach the server)."""
     import requests
 
     if not options.allow_url_fetch:
-        raise Forbidden("this server does not fetch URLs; start it with --allow-url-fetch, or send the image "
+        raise serving.Forbidden("this server does not fetch URLs; start it with --allow-url-fetch, or send the image "
                         "to /inference_image", where=IMAGE_URL)
     if not isinstance(url, str) or urlparse(url).scheme not in ("http", "https") or not urlparse(url).netloc:
         raise TaskError(f"must be an http(s) URL, not {url!r}", where=IMAGE_URL)
