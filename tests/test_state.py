@@ -16,9 +16,14 @@ from torch.utils.data import DistributedSampler
 from plugin import agent_log
 from plugin.errors import TaskError
 from plugin.format.project import find_project, list_items
+from plugin.config.settings import EarlyStoppingRule
 from plugin.training.checkpoints import CheckpointWriter
+from plugin.training.guard import NonFiniteSteps
+from plugin.training.log_interval import LogInterval
+from plugin.training.run_state import RunState
 from plugin.training.sampler import EpochSampler
-from plugin.training.state import Fingerprint, changes, fingerprint, load_state, save_state, write_atomic
+from plugin.training.schedule import EarlyStopping, EvalPlanner, LrPolicy, TimeBudget
+from plugin.training.state import Fingerprint, Position, changes, fingerprint, load_state, save_state, write_atomic
 from tests.conftest import REPO, TINY_CONFIG, make_task
 
 
@@ -178,3 +183,39 @@ def test_a_stop_signal_abandons_the_backward_at_its_next_gradient():
     )
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.stdout.split() == ["stopped", str(int(signal.SIGTERM)), "True"], done.stderr
+
+
+def _run_state(model: nn.Module, writer: CheckpointWriter | None) -> RunState:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    return RunState(model, optimizer, None, Position(), EvalPlanner(0.5, 4, 3), LrPolicy(2, 5.0),
+                    EarlyStopping(EarlyStoppingRule(3, "loss")), TimeBudget(60.0), NonFiniteSteps(10, 1e-3),
+                    LogInterval(2, torch.device("cpu")), writer)
+
+
+def test_one_call_captures_the_run_and_one_restores_it(tmp_path):
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.arange(16.0))
+    sampler = EpochSampler(16, 0, 1, 0)
+    loader = torch.utils.data.DataLoader(data, batch_size=2, sampler=sampler)
+    before = _run_state(nn.Linear(3, 2), CheckpointWriter(tmp_path / "results", tmp_path / "staging"))
+    before.model(torch.ones(1, 3)).sum().backward()
+    before.optimizer.step()
+    before.position.epoch, before.position.samples, before.position.step = 1, 6, 11
+    before.planner.done, before.validated_step = 2, 8
+    before.lr_policy.step(1.0), before.lr_policy.step(2.0)
+    before.stopping.step({"loss": 0.5}), before.stopping.step({"loss": 0.7})
+    before.nonfinite.in_row = 3
+    before.writer.next_id, before.writer.best_subdir = 2, "00000001"
+    state = before.state_dict()
+
+    torch.manual_seed(1)
+    after = _run_state(nn.Linear(3, 2), CheckpointWriter(tmp_path / "results", tmp_path / "staging"))
+    after.load_state_dict(state, loader, iters_per_epoch=8)
+    again = after.state_dict()
+    for key in ("position", "planner", "lr_policy", "early_stopping", "nonfinite", "validated_step", "checkpoints"):
+        assert again[key] == state[key], key
+    assert again["position"] == {"epoch": 1, "samples": 6, "step": 11}
+    assert (sampler.epoch, sampler.start) == (1, 6)  # the loader continues where the run was
+    assert again["time_budget"]["spent"] >= state["time_budget"]["spent"]
+    assert all(torch.equal(again["model"][k], state["model"][k]) for k in state["model"])
+    assert again["optimizer"]["state"][0]["step"] == state["optimizer"]["state"][0]["step"] == 1

@@ -111,12 +111,12 @@ class CheckpointWriter:
         self._prune()
         return final
 
-    def state(self) -> dict:
+    def state_dict(self) -> dict:
         """The counters a resumed run continues from."""
         return {"next_id": self.next_id, "best_loss": self.best_loss, "best_subdir": self.best_subdir,
                 "best_metrics": self.best_metrics, "saved": list(self.saved)}
 
-    def restore(self, state: dict) -> None:
+    def load_state_dict(self, state: dict) -> None:
         self.next_id, self.best_loss = state["next_id"], state["best_loss"]
         self.best_subdir, self.best_metrics = state["best_subdir"], dict(state["best_metrics"])
         self.saved = list(state["saved"])

@@ -58,19 +58,23 @@ class NonFiniteSteps:
     in_row: int = 0
 
     def account(self, steps: Sequence[tuple[int, float]], diverged: Sequence[bool], total: int, warn: bool) -> None:
-        """Record, in order, the window's steps (1-based iteration, lr) and whether each one diverged."""
+        """Record, in order, a log interval's steps (1-based iteration, lr) and whether each one diverged."""
         for (iteration, lr), bad in zip(steps, diverged):
             if bad:
                 self.skip(iteration, total, lr, warn)
             else:
                 self.in_row = 0
 
-    def in_row_after(self, diverged: Sequence[bool]) -> int:
-        """The count after steps not yet accounted for, without warning or raising (for a resume state)."""
+    def state_dict(self, unaccounted: Sequence[bool] = ()) -> dict:
+        """The count, with the steps of the open log interval (`unaccounted`, whether each diverged)
+        counted in, without warning or raising."""
         in_row = self.in_row
-        for bad in diverged:
+        for bad in unaccounted:
             in_row = in_row + 1 if bad else 0
-        return in_row
+        return {"in_row": in_row}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.in_row = state["in_row"]
 
     def skip(self, iteration: int, total: int, lr: float, warn: bool) -> None:
         """Record that step `iteration` (1-based) of `total` at `lr` is left out; raises past the limit."""

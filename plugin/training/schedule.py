@@ -48,6 +48,12 @@ class EvalPlanner:
         """Record a validation after `iteration` of `epoch`."""
         self.done = max(self._count(epoch, iteration), self.done + 1)
 
+    def state_dict(self) -> dict:
+        return {"done": self.done}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.done = state["done"]
+
     def _count(self, epoch: int, iteration: int) -> int:
         progress = epoch + (iteration + 1) / self.iters_per_epoch
         return math.floor(progress / self.val_every + 1e-9)
@@ -76,6 +82,13 @@ class LrPolicy:
         self.scale /= self.divisor
         self.last_reset = len(self.losses)
         return True
+
+    def state_dict(self) -> dict:
+        return {"patience": self.patience, "divisor": self.divisor, "losses": list(self.losses),
+                "last_reset": self.last_reset, "scale": self.scale}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.losses, self.last_reset, self.scale = list(state["losses"]), state["last_reset"], state["scale"]
 
 
 @dataclass(frozen=True)
@@ -129,6 +142,12 @@ class EarlyStopping:
             self.waited += 1
         return self.waited >= self.rule.patience
 
+    def state_dict(self) -> dict:
+        return {"best": self.best, "waited": self.waited}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.waited = state["best"], state["waited"]
+
 
 def check_metric(metric: str, titles: list[str]) -> None:
     """early_stopping.metric must be a val metric of this model's classes."""
@@ -144,7 +163,7 @@ class TimeBudget:
     iterations (and the validation that must follow them) still fit.
 
     The ranks of a run decide from shared figures (the slowest rank's clock at the last METRICS line,
-    window.py) rather than their own clocks, so that they stop at the same iteration and follow the
+    log_interval.py) rather than their own clocks, so that they stop at the same iteration and follow the
     same learning-rate curve.
     """
 
@@ -155,6 +174,12 @@ class TimeBudget:
     def spent(self) -> float:
         """This process's training seconds so far."""
         return self.spent_before + time.monotonic() - self.started
+
+    def state_dict(self) -> dict:
+        return {"spent": self.spent()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.spent_before = state["spent"]
 
     def share(self, spent_s: float) -> float:
         """The share of the budget that `spent_s` seconds are (0 without a budget)."""

@@ -31,7 +31,7 @@ from plugin.training.checkpoints import save_file
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: one entry per part of the run (run_state.RunState.state_dict)
 _META = "meta.json"
 
 
