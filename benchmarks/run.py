@@ -11,7 +11,7 @@
 6-8. Stopping and resuming: SIGTERM to exit at 256x256, the resume state's size, and the share of a
    demo epoch its writes take (benchmarks/resume.py).
 9. Loader samples/s per worker process, reduced against full JPEG decode (benchmarks/loader.py).
-10. Train throughput: a fit() epoch against a bare loop over the same batches, target <= 1.05; on
+10. Train throughput: a Loop.fit() epoch against a bare loop over the same batches, target <= 1.05; on
    CUDA also fp32 against AMP, channels_last and compile (benchmarks/train.py).
 The masks command against the SDK and the mask cache figures run next (`make bench` runs
 benchmarks/masks.py after this module).

@@ -1,6 +1,6 @@
-"""`make bench`, training part: how close an epoch of fit() comes to a bare loop over the same batches.
+"""`make bench`, training part: how close an epoch of Loop.fit() comes to a bare loop over the same batches.
 
-9. Train throughput: the time of a train epoch of fit() (loader, METRICS windows, guard, PROGRESS
+9. Train throughput: the time of a train epoch of Loop.fit() (loader, METRICS intervals, guard, PROGRESS
    included) against a bare loop of forward, loss, backward and optimizer step over the same batches
    already in memory; target <= 1.05 on the CPU. Also the share of the epoch the loop waits for the
    data loader.
@@ -32,7 +32,7 @@ from plugin.nn.precision import Precision, prepare_model, resolve_precision
 from plugin.synthetic import create_project
 from plugin.task_dir import TaskDir
 from plugin.training.data import SegmentationDataset, create_loader, loader_workers
-from plugin.training.loop import fit
+from plugin.training.loop import Loop
 from plugin.training.sampler import EpochSampler
 from plugin.training.schedule import create_optimizer
 from plugin.training.step import loss_fn
@@ -40,7 +40,7 @@ from plugin.training.task import create_datasets, read_project
 
 
 class TimedLoader:
-    """The train loader, counting the seconds fit() waits for each batch."""
+    """The train loader, counting the seconds Loop.fit() waits for each batch."""
 
     def __init__(self, loader: torch.utils.data.DataLoader) -> None:
         self.loader, self.waited = loader, 0.0
@@ -105,7 +105,8 @@ def time_fit(task: Path, device: torch.device) -> tuple[float, float, int]:
     events.addHandler(ends)
     try:
         torch.manual_seed(0)
-        fit(create_network(DEFAULT_NETWORK.spec, mapping.num_classes), loaders, config, mapping, device, writer=None)
+        Loop(create_network(DEFAULT_NETWORK.spec, mapping.num_classes), loaders, config, mapping, device,
+             writer=None).fit()
     finally:
         events.removeHandler(ends)
     # The last epoch: loader workers and allocator warm, no validation inside it.
@@ -164,7 +165,7 @@ def bench_train_throughput(tmp: Path, size: int, images: int, batch: int, worker
 
 
 def bench_gpu(tmp: Path, size: int, images: int, batch: int) -> None:
-    """Images/s at `size` on CUDA: fit() against the bare loop, float32 against AMP, with and without compile;
+    """Images/s at `size` on CUDA: Loop.fit() against the bare loop, float32 against AMP, with and without compile;
     and the bare loop without channels_last."""
     device = torch.device("cuda")
     for amp in ("off", "auto"):

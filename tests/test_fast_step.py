@@ -20,7 +20,7 @@ from plugin.task_dir import TaskDir
 from plugin.training.data import create_loader
 from plugin.training.guard import snapshot_buffers
 from plugin.training.log_interval import iterations_between_lines
-from plugin.training.loop import fit
+from plugin.training.loop import Loop
 from plugin.training.sampler import EpochSampler
 from plugin.training.schedule import create_optimizer
 from plugin.training.step import loss_fn, train_step
@@ -67,7 +67,7 @@ def _datasets(task: Path) -> tuple:
 
 
 def _fit_in_process(root: Path, n_train: int) -> tuple[dict[str, int], int]:
-    """Host reads of a whole 1-epoch fit() on n_train 32x32 images (batch 2), one METRICS line per
+    """Host reads of a whole 1-epoch Loop.fit() on n_train 32x32 images (batch 2), one METRICS line per
     epoch and one validation at its end."""
     config = dict(TINY_CONFIG, input_size={"width": 32, "height": 32}, augmentations=False,
                   log_every={"seconds": None, "iterations": 1000})
@@ -81,7 +81,7 @@ def _fit_in_process(root: Path, n_train: int) -> tuple[dict[str, int], int]:
     model = create_network(LEGACY_NETWORK, mapping.num_classes)
     functions, scalars = HostReads(), ScalarReads()
     with functions, scalars:
-        fit(model, loaders, config, mapping, torch.device("cpu"), writer=None)
+        Loop(model, loaders, config, mapping, torch.device("cpu"), writer=None).fit()
     return functions.counts, scalars.count
 
 

@@ -10,7 +10,7 @@ once per METRICS line (log_interval.py, about every log_every seconds), so a GPU
 
 A run can stop at any moment and go on later as if it had not (state.py): at every checkpoint, and
 when a stop signal abandons the step in flight (stop.py), rank 0 writes the resume state as of the
-last completed step, and `fit(..., resume=state)` continues from it, sample for sample.
+last completed step, and `Loop(..., resume=state).fit()` continues from it, sample for sample.
 """
 
 from __future__ import annotations
@@ -67,21 +67,12 @@ class TrainSummary:
     end: str = "epochs"  # or "time_budget", "early_stopping"
 
 
-def fit(
-    model: nn.Module,
-    loaders: dict[str, DataLoader],
-    config: TrainConfig,
-    mapping: ClassMapping,
-    device: torch.device,
-    writer: CheckpointWriter | None,
-    ctx: DistContext = distributed.SINGLE,
-    val_real: int | None = None,
-    class_weights: list[float] | None = None,
-    resume: dict | None = None,
-    save_state: Callable[[dict], int] | None = None,
-    on_validated: Callable[[], None] | None = None,
-) -> TrainSummary:
-    """The loop: the configured optimizer and LR schedule, train metrics every log_every, validation
+class Loop:
+    """One run's training: its parts (run_state.RunState), the shared clock that plans the METRICS
+    lines and the time budget, and the steps, validations and resume writes that move it on.
+    `Loop(...).fit()` runs it.
+
+    The loop: the configured optimizer and LR schedule, train metrics every log_every, validation
     and a checkpoint when the planner says so, until the epochs, the time budget or early stopping end it.
 
     `writer` and `save_state` (which writes a resume state, returning its size) are None on the
@@ -91,39 +82,6 @@ def fit(
     validation's checkpoint (rank 0 redraws the training curves). The train loader's sampler is an
     EpochSampler. Raises Stopped after a stop signal, once the resume state is written.
     """
-    loop = Loop(model, loaders, config, mapping, device, writer, ctx, val_real, class_weights, resume, save_state,
-                on_validated)
-    remove_hooks = stop.watch(loop.model) if not config.compile else _no_hooks
-    try:
-        end = loop.validate_if_cut_short()
-        while end is None and loop.position.epoch < config.epochs:
-            end = loop.train_epoch()
-        if end == "time_budget":
-            loop.end_on_time_budget()
-    except BaseException as error:
-        signum = stop.requested()
-        if signum is None:
-            raise
-        loop.abandon_step(signum)
-        stopped = error if isinstance(error, Stopped) else Stopped(signum)
-        stopped.logged = True
-        raise stopped from None
-    finally:
-        remove_hooks()
-    distributed.dump_rank_weights(loop.model, ctx)
-    # The last checkpoint is on disk before any rank leaves the process group.
-    distributed.barrier()
-    ended = end or "epochs"  # nothing ended it early: it ran its epochs
-    if writer is None:
-        return TrainSummary([], None, {}, loop.val_metrics, ended)
-    best = writer.best_subdir
-    return TrainSummary(loop.saved, None if best is None else writer.results_dir / best, writer.best_metrics,
-                        loop.val_metrics, ended)
-
-
-class Loop:
-    """One run's training: its parts (run_state.RunState), the shared clock that plans the METRICS
-    lines and the time budget, and the steps, validations and resume writes that move it on."""
 
     def __init__(
         self,
@@ -133,12 +91,12 @@ class Loop:
         mapping: ClassMapping,
         device: torch.device,
         writer: CheckpointWriter | None,
-        ctx: DistContext,
-        val_real: int | None,
-        class_weights: list[float] | None,
-        resume: dict | None,
-        save_state: Callable[[dict], int] | None,
-        on_validated: Callable[[], None] | None,
+        ctx: DistContext = distributed.SINGLE,
+        val_real: int | None = None,
+        class_weights: list[float] | None = None,
+        resume: dict | None = None,
+        save_state: Callable[[dict], int] | None = None,
+        on_validated: Callable[[], None] | None = None,
     ) -> None:
         self.config, self.mapping, self.device, self.ctx = config, mapping, device, ctx
         self.loaders, self.writer, self.val_real = loaders, writer, val_real
@@ -198,6 +156,35 @@ class Loop:
         self.clock_spent, self.clock_step_s, self.val_s = self.budget.spent_before, 0.0, 0.0
         self.first_step = self.position.step
         self.interval.planned = self.plan_interval()
+
+    def fit(self) -> TrainSummary:
+        """Train until the epochs, the time budget or early stopping end the run."""
+        remove_hooks = stop.watch(self.model) if not self.config.compile else _no_hooks
+        try:
+            end = self.validate_if_cut_short()
+            while end is None and self.position.epoch < self.config.epochs:
+                end = self.train_epoch()
+            if end == "time_budget":
+                self.end_on_time_budget()
+        except BaseException as error:
+            signum = stop.requested()
+            if signum is None:
+                raise
+            self.abandon_step(signum)
+            stopped = error if isinstance(error, Stopped) else Stopped(signum)
+            stopped.logged = True
+            raise stopped from None
+        finally:
+            remove_hooks()
+        distributed.dump_rank_weights(self.model, self.ctx)
+        # The last checkpoint is on disk before any rank leaves the process group.
+        distributed.barrier()
+        ended = end or "epochs"  # nothing ended it early: it ran its epochs
+        if self.writer is None:
+            return TrainSummary([], None, {}, self.val_metrics, ended)
+        best = self.writer.best_subdir
+        best_path = None if best is None else self.writer.results_dir / best
+        return TrainSummary(self.saved, best_path, self.writer.best_metrics, self.val_metrics, ended)
 
     def train_epoch(self) -> str | None:
         """The rest of the current epoch, from where the position is; returns what ended the run, if

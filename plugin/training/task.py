@@ -51,7 +51,7 @@ from plugin.training.data import (
     val_shard,
 )
 from plugin.training.distributed import DistContext
-from plugin.training.loop import TrainSummary, fit
+from plugin.training.loop import Loop, TrainSummary
 from plugin.training.mask_cache import MaskCache, load_masks
 from plugin.training.sampler import EpochSampler
 from plugin.training.state import Fingerprint, fingerprint, load_state, save_state
@@ -137,8 +137,8 @@ def train_rank(ctx: DistContext, task: TaskDir, config: TrainConfig, world: Worl
         def redraw() -> None:
             write_progress(task.train_log_path, task.progress_path)
 
-    summary = fit(model, loaders, config, mapping, device, writer, ctx, val_real, class_weights, resume, save,
-                  redraw)
+    summary = Loop(model, loaders, config, mapping, device, writer, ctx, val_real, class_weights, resume, save,
+                   redraw).fit()
     if ctx.is_main and task.state_path.exists():
         # The run is complete: the next run on this task dir is a new one.
         task.state_path.unlink()
