@@ -30,11 +30,11 @@ import torch
 
 from benchmarks.peak_memory import measured_command, read_peak
 from plugin import agent_log
+from plugin.config.schema import DEFAULT_NETWORK
 from plugin.format.images import read_image
 from plugin.inference.predictor import Predictor, load_predictor
 from plugin.inference.task import infer_task
 from plugin.nn.network import create_network, network_record
-from plugin.config.schema import DEFAULT_NETWORK
 from plugin.nn.tiling import network_inputs, pad_to, window_starts
 from plugin.task_dir import TaskDir
 

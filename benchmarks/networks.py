@@ -15,12 +15,12 @@ import time
 
 import torch
 
+from plugin.config.schema import DEFAULT_NETWORK
+from plugin.config.settings import LEGACY_NETWORK, NetworkSpec
 from plugin.format.classes import NEUTRAL_INDEX
 from plugin.nn.losses import segmentation_loss
 from plugin.nn.network import create_network
 from plugin.nn.precision import Precision, prepare_model, resolve_precision
-from plugin.config.schema import DEFAULT_NETWORK
-from plugin.config.settings import LEGACY_NETWORK, NetworkSpec
 
 NETWORKS = {
     "unet/efficientnet_lite0 (default)": DEFAULT_NETWORK.spec,

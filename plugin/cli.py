@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from plugin import agent_log
+from plugin.config.settings import BACKENDS, SDK_RUNTIMES
 from plugin.errors import Stopped, TaskError
 
 log = logging.getLogger(__name__)
@@ -183,12 +184,8 @@ def _device(text: str) -> int | None:
     return int(index)
 
 
-# The SDK's --runtime names, beside our --backend names.
-RUNTIMES = {"PyTorch": "torch", "ONNXRuntime": "onnxruntime"}
-
-
 def _backend(args: argparse.Namespace) -> str:
-    return RUNTIMES[args.runtime] if args.runtime is not None else args.backend
+    return SDK_RUNTIMES[args.runtime] if args.runtime is not None else args.backend
 
 
 def _add_model_options(parser: argparse.ArgumentParser, model_help: str | None) -> None:
@@ -201,10 +198,10 @@ def _add_model_options(parser: argparse.ArgumentParser, model_help: str | None) 
     parser.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
                         help="precision of the forward, as model.amp of the inference config (default: auto)")
     backend = parser.add_mutually_exclusive_group()
-    backend.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
+    backend.add_argument("--backend", choices=BACKENDS, default="torch",
                          help="run model.pt with torch, or model.onnx (from `sly-unet export`) with onnxruntime "
                          "(default: torch)")
-    backend.add_argument("--runtime", choices=tuple(RUNTIMES), help="the same, as the Supervisely SDK names it")
+    backend.add_argument("--runtime", choices=tuple(SDK_RUNTIMES), help="the same, as the Supervisely SDK names it")
 
 
 def _add_pixel_limit(parser: argparse.ArgumentParser) -> None:

@@ -14,9 +14,9 @@ from torch import nn
 from torch.utils.data import DistributedSampler
 
 from plugin import agent_log
+from plugin.config.settings import EarlyStoppingRule
 from plugin.errors import TaskError
 from plugin.format.project import find_project, list_items
-from plugin.config.settings import EarlyStoppingRule
 from plugin.training.checkpoints import CheckpointWriter
 from plugin.training.guard import NonFiniteSteps
 from plugin.training.log_interval import LogInterval

@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
+from plugin.config.settings import LEGACY_NETWORK
 from plugin.errors import TaskError
 from plugin.nn.model import UNetV2
 from plugin.nn.network import create_network, load_encoder_start
-from plugin.config.settings import LEGACY_NETWORK
 from plugin.nn.weights import (
     load_continue,
     load_state_dict,

@@ -235,6 +235,8 @@ class Mode:
 
 # What runs the network in inference: model.pt in torch, or the exported model.onnx in onnxruntime.
 BACKENDS = ("torch", "onnxruntime")
+# The Supervisely SDK's names of the backends (its --runtime, its DeployInfo.runtime).
+SDK_RUNTIMES = {"PyTorch": "torch", "ONNXRuntime": "onnxruntime"}
 
 
 @dataclass(frozen=True)

@@ -20,15 +20,15 @@ from pathlib import Path
 
 import plugin
 from plugin.config.load import mode_defaults
+from plugin.config.settings import MATCH_ALL, Mode
 from plugin.errors import TaskError
 from plugin.format.images import UPLOAD
 from plugin.format.project import ObjClass, ProjectMeta, parse_annotation
 from plugin.inference import modes
+from plugin.inference.apply import batching, plan_output, predict
 from plugin.inference.items import OutputPlan, ReadItem, decode, predicted_annotation
 from plugin.inference.predictor import Predictor
-from plugin.inference.apply import batching, plan_output, predict
 from plugin.nn.network import network_record
-from plugin.config.settings import MATCH_ALL, Mode
 
 log = logging.getLogger(__name__)
 
@@ -192,17 +192,18 @@ class ModelQueue:
                 # Only the jobs right behind it with the same mode: the others keep their turn.
                 while len(batch) < size and self._waiting and self._waiting[0][0].mode == mode:
                     batch.append(self._waiting.popleft())
+                batch = [(job, future) for job, future in batch if future.set_running_or_notify_cancel()]
                 self.running = len(batch)  # with the queue's count, so /health never misses a job
                 self._changed.notify_all()
-            self._predict([(job, future) for job, future in batch if future.set_running_or_notify_cancel()])
+            self._predict(batch)
 
     def _predict(self, batch: list[tuple[Job, Future]]) -> None:
-        if not batch:
+        if not batch:  # every request of it was cancelled
+            self.running = 0
             return
         mode = batch[0][0].mode
         # TTA is the request's choice; the model itself is shared.
         predictor = self.predictor if mode.tta == self.predictor.tta else replace(self.predictor, tta=mode.tta)
-        self.running = len(batch)
         try:
             predictions = predict(mode, predictor, [job.read for job, _ in batch])
         except Exception as exc:  # noqa: BLE001 - every request of the batch gets the error, the thread goes on

@@ -33,11 +33,11 @@ TASK_TYPE = "semantic segmentation"
 RUNNING, FINISHED, CANCELLED, ERROR = "Running inference...", "Finished", "Cancelled", "Error"
 
 
-def published_settings() -> dict:
-    """/get_custom_inference_settings: full_image's mode config, then every other mode's keys as null
-    (null: the chosen mode's own default), and `confidence`. So a client can send back any key of any
-    mode, as `Session.update_inference_settings` requires."""
-    modes = mode_defaults()
+def published_settings(modes: dict[str, dict]) -> dict:
+    """/get_custom_inference_settings of the modes' defaults (config.load.mode_defaults): full_image's
+    mode config, then every other mode's keys as null (null: the chosen mode's own default), and
+    `confidence`. So a client can send back any key of any mode, as `Session.update_inference_settings`
+    requires."""
     settings = {**modes["full_image"], "confidence": False}
     for defaults in modes.values():
         for key in defaults:
@@ -59,9 +59,10 @@ def settings_mode(settings: object, class_titles: list[str], batch_size: object 
     confidence = settings.get("confidence", False)
     if not isinstance(confidence, bool):
         raise TaskError("must be true or false", where="settings.confidence")
-    published = published_settings()
+    modes = mode_defaults()
+    published = published_settings(modes)
     name = settings.get("name", "full_image")
-    own = mode_defaults().get(name) if isinstance(name, str) else None
+    own = modes.get(name) if isinstance(name, str) else None
     mode: dict = {}
     for key, value in settings.items():
         if key in CLIENT_KEYS or key in ("confidence", "classes"):
@@ -97,7 +98,7 @@ def _class_titles(classes: object, class_titles: list[str], suffix: object) -> l
 def output_meta(class_titles: list[str], color_of: Callable[[str], str]) -> dict:
     """/get_output_classes_and_tags: the ProjectMeta of what the default settings predict, one bitmap
     class per model class but background, titled with the output suffix."""
-    suffix = published_settings()["model_classes"]["add_suffix"]
+    suffix = mode_defaults()["full_image"]["model_classes"]["add_suffix"]
     classes = [{"title": f"{title}{suffix}", "shape": "bitmap", "color": color_of(title), "geometry_config": {}}
                for title in class_titles[1:]]
     return {"classes": classes, "tags": [], "projectType": "images"}

@@ -18,8 +18,8 @@ import time
 from typing import Any
 from urllib.parse import urlparse
 
-from plugin.config.load import mode_config
-from plugin.config.settings import Mode
+from plugin.config.load import mode_config, mode_defaults
+from plugin.config.settings import SDK_RUNTIMES, Mode
 from plugin.errors import LimitExceeded, TaskError
 from plugin.files import parse_json
 from plugin.inference import serving
@@ -50,9 +50,9 @@ def sdk_routes(model: ServedModel, options: ServeOptions, held: AsyncRequests) -
 
     def deployment() -> Deployment:
         predictor = model.queue.predictor
+        runtime = next(sdk for sdk, backend in SDK_RUNTIMES.items() if backend == options.backend)
         return Deployment(predictor.architecture.describe(), str(options.model_dir), str(predictor.device),
-                          "ONNXRuntime" if options.backend == "onnxruntime" else "PyTorch", predictor.network.name,
-                          options.max_batch_files)
+                          runtime, predictor.network.name, options.max_batch_files)
 
     def loaded(answer: Any) -> Any:
         """A route that needs the model: its answer once loaded, else the 503 that says why not."""
@@ -75,7 +75,7 @@ def sdk_routes(model: ServedModel, options: ServeOptions, held: AsyncRequests) -
                              "running": queue.running if queue else 0, "async_requests": len(held)})
 
     async def custom_settings(_: Request) -> JSONResponse:
-        return JSONResponse({"settings": published_settings()})
+        return JSONResponse({"settings": published_settings(mode_defaults())})
 
     def request_mode(state: dict) -> tuple[Mode, bool]:
         mode, confidence = settings_mode(state.get("settings"), model.queue.predictor.class_titles,
@@ -114,39 +114,34 @@ def sdk_routes(model: ServedModel, options: ServeOptions, held: AsyncRequests) -
         return await serving.guarded(handle, model, options)
 
     async def inference_batch_async(request: Request) -> JSONResponse:
-        waiting = model.not_ready()
-        if waiting is not None:
-            return waiting
-        try:
+        async def handle() -> JSONResponse:
             state, files = await _upload(request, options)
             mode, confidence = request_mode(state)
-        except TaskError as exc:
-            return serving.error_response(exc)
-        queue = model.queue
+            queue = model.queue
 
-        def run(job: AsyncRequest, lock: threading.Lock) -> None:
-            def keep(index: int, annotation: dict) -> None:
-                with lock:
-                    job.pending.append(image_result(annotation, files[index][0]))
-                    job.done += 1
+            def run(job: AsyncRequest, lock: threading.Lock) -> None:
+                def keep(index: int, annotation: dict) -> None:
+                    with lock:
+                        job.pending.append(image_result(annotation, files[index][0]))
+                        job.done += 1
 
-            try:
-                predict_files(queue, mode, files, confidence, keep, stopped=lambda: job.stopped)
-            except Exception as exc:  # noqa: BLE001 - the client reads it from the request's status
-                if not isinstance(exc, TaskError):
-                    log.exception("an async inference request failed")
-                with lock:
-                    job.exception = {"type": type(exc).__name__, "message": str(exc)}
-            finally:
-                with lock:
-                    job.finished = True
+                try:
+                    predict_files(queue, mode, files, confidence, keep, stopped=lambda: job.stopped)
+                except Exception as exc:  # noqa: BLE001 - the client reads it from the request's status
+                    if not isinstance(exc, TaskError):
+                        log.exception("an async inference request failed")
+                    with lock:
+                        job.exception = {"type": type(exc).__name__, "message": str(exc)}
+                finally:
+                    with lock:
+                        job.finished = True
 
-        try:
             job = held.start(len(files), run)
-        except TaskError as exc:
-            return serving.error_response(exc)
-        return JSONResponse({"message": "Scheduled inference task.", "inference_request_uuid": job.uuid,
-                             "progress": job.status()["progress"]})
+            return JSONResponse({"message": "Scheduled inference task.", "inference_request_uuid": job.uuid,
+                                 "progress": job.status()["progress"]})
+
+        # Its images wait for places in the queue in the background: a full queue is no refusal.
+        return await serving.guarded(handle, model, options, refuse_when_full=False)
 
     def on_request(act: Any) -> Any:
         """A route about one async request (state.inference_request_uuid): 404 for an unknown one."""

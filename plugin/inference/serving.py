@@ -166,23 +166,26 @@ async def file_parts(form: Any, key: str) -> list[tuple[str, bytes]]:
     return [(part.filename or "", await part.read()) for part in form.getlist(key) if isinstance(part, UploadFile)]
 
 
-async def guarded(handle: Any, model: ServedModel, options: ServeOptions) -> Any:
+async def guarded(handle: Any, model: ServedModel, options: ServeOptions, refuse_when_full: bool = True) -> Any:
     """An inference handler's answer, or the JSON error it ends in: 503 while the model loads or its
-    queue is full, the TaskError's status, or 500 (logged) for anything else, never a traceback."""
+    queue is full (checked first too, unless the handler waits for a place), the TaskError's status,
+    or 500 (logged) for anything else, never a traceback."""
     from starlette.responses import JSONResponse
 
     from plugin.inference.model_queue import QueueFull
 
+    def busy() -> Any:
+        return unavailable("busy", f"the queue of {options.queue_size} requests is full; retry shortly")
+
     waiting = model.not_ready()
     if waiting is not None:
         return waiting
-    busy = unavailable("busy", f"the queue of {options.queue_size} requests is full; retry shortly")
-    if model.queue.full():  # early, before reading anything; submit decides
-        return busy
+    if refuse_when_full and model.queue.full():  # early, before reading anything; submit decides
+        return busy()
     try:
         return await handle()
     except QueueFull:
-        return busy
+        return busy()
     except TaskError as exc:
         return error_response(exc)
     except Exception as exc:  # noqa: BLE001 - a JSON 500, never a traceback to the client
