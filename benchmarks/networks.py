@@ -3,7 +3,8 @@
 A training step is forward, loss, backward and an AdamW step on a batch of random images at
 size x size; inference is the eval-mode forward and softmax. The figure that matters on a CPU is the
 ratio of training steps the default network makes in a budget to the legacy UNet v2's (target >= 6).
-On CUDA (`--device cuda`) the steps run under the autocast precision that `amp: auto` picks.
+Each step runs under the precision that `amp: auto` picks for it: on CUDA autocast, on a CPU with
+bfloat16 matrix units a bfloat16 training step and a float32 inference.
 
 Run alone: .venv/bin/python -m benchmarks.networks [--size 256 --batch 4 --steps 3] [--device cuda --size 512]
 """
@@ -37,23 +38,23 @@ def _sync(device: torch.device) -> None:
 
 
 def images_per_s(spec: NetworkSpec, size: int, batch: int, steps: int, device: torch.device,
-                 precision: Precision) -> tuple[float, float]:
+                 training: Precision, inference: Precision) -> tuple[float, float]:
     """(train, inference) images/s, each the best of `steps` timed steps after one warm-up step."""
     torch.manual_seed(0)
-    model = prepare_model(create_network(spec, CLASSES).to(device), precision)
+    model = prepare_model(create_network(spec, CLASSES).to(device), training)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     images = torch.randn(batch, 3, size, size, device=device)
     targets = torch.randint(0, CLASSES, (batch, size, size), device=device)
 
     def train_step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        loss = segmentation_loss(precision.logits(model, images), targets, CLASSES, NEUTRAL_INDEX, 1.0, 1.0)
+        loss = segmentation_loss(training.logits(model, images), targets, CLASSES, NEUTRAL_INDEX, 1.0, 1.0)
         loss.backward()
         optimizer.step()
 
     def infer_step() -> None:
         with torch.inference_mode():
-            torch.softmax(precision.logits(model, images), dim=1)
+            torch.softmax(inference.logits(model, images), dim=1)
 
     rates = []
     for step, mode in ((train_step, model.train), (infer_step, model.eval)):
@@ -77,13 +78,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args()
     device = torch.device(args.device)
-    precision = resolve_precision("auto", device)
-    print(f"networks ({device.type}, {precision.name}, batch {args.batch} at {args.size}x{args.size}, best of "
+    training, inference = resolve_precision("auto", device, training=True), resolve_precision("auto", device)
+    print(f"networks ({device.type}, training in {training.name}, inference in {inference.name}, batch {args.batch} at {args.size}x{args.size}, best of "
           f"{args.steps}); reproduce: .venv/bin/python -m benchmarks.networks --device {args.device} "
           f"--size {args.size} --batch {args.batch} --steps {args.steps}", flush=True)
     rates = {}
     for name, spec in NETWORKS.items():
-        rates[name] = images_per_s(spec, args.size, args.batch, args.steps, device, precision)
+        rates[name] = images_per_s(spec, args.size, args.batch, args.steps, device, training, inference)
         print(f"  {name:<36} train {rates[name][0]:8.2f} img/s   inference {rates[name][1]:8.2f} img/s", flush=True)
     default, legacy = rates[next(iter(NETWORKS))][0], rates["unet_v2 (legacy)"][0]
     print(f"  training steps in the same budget, default / legacy: {default / legacy:.1f}x (target >= 6)")

@@ -154,7 +154,7 @@ def bench_train_throughput(tmp: Path, size: int, images: int, batch: int, worker
                            amp: str = "off", compile_: bool = False) -> float:
     task = make_task(tmp / f"train_{amp}_{int(compile_)}", size, images, batch, workers, amp, compile_)
     epoch_s, waited_s, count = time_fit(task, device)
-    precision = resolve_precision(amp, device)
+    precision = resolve_precision(amp, device, training=True)
     bare_s = time_bare(task, device, precision, compile_)
     ratio = epoch_s / bare_s
     print(f"train throughput ({device.type}, amp {amp} = {precision.name}, compile {compile_}, {size}x{size}, "
@@ -173,7 +173,7 @@ def bench_gpu(tmp: Path, size: int, images: int, batch: int) -> None:
             bench_train_throughput(tmp, size, images, batch, "auto", device, amp, compile_)
     task = make_task(tmp / "plain_layout", size, images, batch, "auto", "auto", False)
     for amp in ("off", "auto"):
-        precision = resolve_precision(amp, device)
+        precision = resolve_precision(amp, device, training=True)
         plain = Precision(precision.device_type, precision.dtype, channels_last=False)
         seconds = time_bare(task, device, plain, False)
         print(f"bare loop without channels_last ({plain.name}): {images / seconds:.1f} images/s")

@@ -15,7 +15,7 @@ from plugin.config.load import read_train_config
 from plugin.config.settings import LEGACY_NETWORK
 from plugin.format.project import list_items
 from plugin.nn.network import create_network
-from plugin.nn.precision import FLOAT32, Precision, resolve_precision
+from plugin.nn.precision import FLOAT32, Precision, cpu_has_bf16_matrix_units, resolve_precision
 from plugin.task_dir import TaskDir
 from plugin.training.data import create_loader
 from plugin.training.guard import snapshot_buffers
@@ -148,11 +148,25 @@ def test_a_float16_step_scales_the_loss_and_stays_close_to_float32(batch_and_con
     assert scaler.get_scale() == 65536.0  # no overflow: the scale stays; the resume state keeps it
 
 
-def test_auto_precision_is_float32_on_the_cpu_and_a_forced_dtype_is_kept():
-    assert resolve_precision("auto", torch.device("cpu")).dtype is None
-    assert resolve_precision("bf16", torch.device("cpu")).dtype == torch.bfloat16
-    assert resolve_precision("fp16", torch.device("cpu")).scales_gradients
-    assert not resolve_precision("off", torch.device("cpu")).channels_last
+def test_auto_precision_on_the_cpu_trains_in_bfloat16_only_on_matrix_units_and_predicts_in_float32():
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu).dtype is None  # inference and validation: exactly as ONNX
+    expected = torch.bfloat16 if cpu_has_bf16_matrix_units() else None
+    assert resolve_precision("auto", cpu, training=True).dtype == expected
+    assert resolve_precision("bf16", cpu).dtype == torch.bfloat16
+    assert resolve_precision("fp16", cpu, training=True).scales_gradients
+    assert resolve_precision("off", cpu, training=True).dtype is None
+    # oneDNN's kernels take NHWC: every setting runs channels_last on an x86 CPU.
+    assert all(resolve_precision(amp, cpu).channels_last for amp in ("auto", "off", "bf16"))
+
+
+def test_validation_runs_in_the_inference_precision_and_the_log_says_so(tmp_path):
+    config = dict(TINY_CONFIG, input_size={"width": 32, "height": 32}, epochs=1, amp="auto")
+    run = run_entrypoint("entrypoints.train", make_task(tmp_path / "task", config, n_train=2, size=32))
+    assert run.returncode == 0, run.stderr[-3000:]
+    [line] = [e for e in run.lines if e.get("amp") == "auto" and "val_precision" in e]
+    trains = "bfloat16" if cpu_has_bf16_matrix_units() else "float32"
+    assert (line["precision"], line["val_precision"]) == (trains, "float32")
 
 
 def test_a_window_lasts_log_every_seconds_of_steps_or_its_iterations_whichever_is_fewer():

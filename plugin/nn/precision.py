@@ -25,7 +25,7 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 @dataclass(frozen=True)
 class Precision:
     """How the network runs on `device_type`: autocast to `dtype` (None: float32), with a gradient
-    scaler in training when the dtype is float16, and channels_last tensors on CUDA."""
+    scaler in training when the dtype is float16, and channels_last tensors where the kernels favour them."""
 
     device_type: str
     dtype: torch.dtype | None
@@ -65,16 +65,30 @@ class Precision:
 FLOAT32 = Precision("cpu", None, channels_last=False)
 
 
-def resolve_precision(amp: str, device: torch.device, where: str = "amp") -> Precision:
-    """The Precision of an `amp` setting on `device`; TaskError naming `where` for a dtype the device lacks."""
+def cpu_has_bf16_matrix_units() -> bool:
+    """Whether this CPU has AMX tiles, on which oneDNN runs bfloat16 convolutions several times faster
+    than float32 (2.4x for a training step of the default network on a 2-core Xeon); elsewhere CPU
+    autocast is slower than float32. torch asks the CPU through a private helper: without it, no."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe is not None and probe())
+
+
+def resolve_precision(amp: str, device: torch.device, where: str = "amp", training: bool = False) -> Precision:
+    """The Precision of an `amp` setting on `device`, for training or (the default) for inference and
+    validation; TaskError naming `where` for a dtype the device lacks.
+
+    `auto` on the CPU trains in bfloat16 where the CPU has bfloat16 matrix units and predicts in
+    float32 everywhere: training time is where the speed pays, and predictions stay exactly those of
+    an exported ONNX model. Validation uses the inference precision, so it scores what inference writes.
+    """
     if amp not in AMP_SETTINGS:
         raise TaskError(f"{amp!r} is not one of {', '.join(AMP_SETTINGS)}", where=where)
     cuda = device.type == "cuda"
     if amp == "auto":
-        if not cuda:
-            dtype = None  # CPU autocast is slower than float32 for convolutions on most CPUs
-        else:
+        if cuda:
             dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        else:
+            dtype = torch.bfloat16 if training and cpu_has_bf16_matrix_units() else None
     elif amp == "off":
         dtype = None
     else:
@@ -83,7 +97,9 @@ def resolve_precision(amp: str, device: torch.device, where: str = "amp") -> Pre
             raise TaskError(
                 f"{torch.cuda.get_device_name(device)} does not support bfloat16; use fp16 or auto", where=where
             )
-    return Precision(device.type, dtype, channels_last=cuda)
+    # oneDNN's CPU convolutions run on blocked NHWC data: channels_last saves a reorder per layer
+    # (1.8x for a float32 training step of the default network here), as it does for cuDNN.
+    return Precision(device.type, dtype, channels_last=cuda or torch.backends.mkldnn.is_available())
 
 
 def prepare_model(model: nn.Module, precision: Precision) -> nn.Module:

@@ -101,7 +101,8 @@ class Loop:
         self.config, self.mapping, self.device, self.ctx = config, mapping, device, ctx
         self.loaders, self.writer, self.val_real = loaders, writer, val_real
         self.save_state, self.on_validated = save_state, on_validated
-        self.precision = resolve_precision(config.amp, device)
+        self.precision = resolve_precision(config.amp, device, training=True)
+        self.val_precision = resolve_precision(config.amp, device)
         self.model = prepare_model(model.to(device), self.precision)
         net = distributed.wrap_model(self.model, device, ctx, config.sync_batchnorm)
         self.net = torch.compile(net) if config.compile else net
@@ -131,7 +132,7 @@ class Loop:
                 f"warmup iterations of {self.schedule.total_steps}",
                 extra={"optimizer": config.raw["optimizer"], "lr_schedule": config.raw["lr_schedule"]},
             )
-            log_precision(config, self.precision)
+            log_precision(config, self.precision, self.val_precision)
             if resume is not None:
                 log_resume(resume, self.position, self.sampler.size)
         self.ckpt_config = checkpoint_config(config.raw, mapping)
@@ -264,7 +265,7 @@ class Loop:
         epoch_float = epoch + (iteration + 1) / self.iters
         self.val_metrics, absent = validate(
             self.net, self.loaders["val"], self.compute_loss, self.mapping, self.titles, self.device, config,
-            self.precision, self.val_real, self.eval_batchnorm,
+            self.val_precision, self.val_real, self.eval_batchnorm,
         )
         agent_log.log_metrics("val", epoch_float, self.val_metrics, absent_classes=absent)
         # A validation in train mode (validate_with_model_eval false) moves the buffers.

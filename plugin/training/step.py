@@ -82,8 +82,8 @@ def train_step(
     return StepResult(loss.detach(), logits.detach(), skipped, flags[0] > 0 if scaler is not None else skipped)
 
 
-def log_precision(config: TrainConfig, precision: Precision) -> None:
-    """One line saying how the network trains: its autocast dtype, scaler, layout and compilation."""
+def log_precision(config: TrainConfig, precision: Precision, val_precision: Precision) -> None:
+    """One line saying how the network trains and validates: autocast dtype, scaler, layout and compilation."""
     details = [f"{precision.name} autocast" if precision.dtype is not None else "float32"]
     if precision.scales_gradients:
         details.append("a gradient scaler")
@@ -91,5 +91,6 @@ def log_precision(config: TrainConfig, precision: Precision) -> None:
         details.append("channels_last")
     if config.compile:
         details.append("torch.compile")
-    log.info(f"amp {config.amp}: the network trains in {', '.join(details)}; losses and metrics in float32",
-             extra={"amp": config.amp, "precision": precision.name})
+    validates = "" if val_precision == precision else f", validates in {val_precision.name} (as inference)"
+    log.info(f"amp {config.amp}: the network trains in {', '.join(details)}{validates}; losses and metrics in float32",
+             extra={"amp": config.amp, "precision": precision.name, "val_precision": val_precision.name})
