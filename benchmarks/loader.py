@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from plugin.config.schema import TRAIN_DEFAULTS
-from plugin.config.settings import RESIZE, Scale, parse_steps
+from plugin.config.typed import RESIZE, Scale, parse_steps
 from plugin.files import write_json
 from plugin.format.classes import create_mapping
 from plugin.format.images import read_image

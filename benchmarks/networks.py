@@ -17,7 +17,7 @@ import time
 import torch
 
 from plugin.config.schema import DEFAULT_NETWORK
-from plugin.config.settings import LEGACY_NETWORK, NetworkSpec
+from plugin.config.typed import LEGACY_NETWORK, NetworkSpec
 from plugin.format.classes import NEUTRAL_INDEX
 from plugin.nn.losses import segmentation_loss
 from plugin.nn.network import create_network
@@ -79,9 +79,9 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     training, inference = resolve_precision("auto", device, training=True), resolve_precision("auto", device)
-    print(f"networks ({device.type}, training in {training.name}, inference in {inference.name}, batch {args.batch} at {args.size}x{args.size}, best of "
-          f"{args.steps}); reproduce: .venv/bin/python -m benchmarks.networks --device {args.device} "
-          f"--size {args.size} --batch {args.batch} --steps {args.steps}", flush=True)
+    print(f"networks ({device.type}, training in {training.name}, inference in {inference.name}, batch {args.batch} "
+          f"at {args.size}x{args.size}, best of {args.steps}); reproduce: .venv/bin/python -m benchmarks.networks "
+          f"--device {args.device} --size {args.size} --batch {args.batch} --steps {args.steps}", flush=True)
     rates = {}
     for name, spec in NETWORKS.items():
         rates[name] = images_per_s(spec, args.size, args.batch, args.steps, device, training, inference)

@@ -24,7 +24,7 @@ import torch
 
 from plugin.config.load import read_train_config
 from plugin.config.schema import DEFAULT_NETWORK
-from plugin.config.settings import TrainConfig
+from plugin.config.typed import TrainConfig
 from plugin.format.classes import ClassMapping
 from plugin.format.project import list_items
 from plugin.nn.network import create_network

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from plugin import agent_log
-from plugin.config.settings import BACKENDS, SDK_RUNTIMES
+from plugin.config.typed import BACKENDS, SDK_RUNTIMES
 from plugin.errors import Stopped, TaskError
 
 log = logging.getLogger(__name__)

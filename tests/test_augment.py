@@ -15,7 +15,7 @@ import torch
 
 from plugin.config.load import merged_train_config, read_train_config
 from plugin.config.schema import TRAIN_DEFAULTS
-from plugin.config.settings import parse_steps
+from plugin.config.typed import parse_steps
 from plugin.errors import TaskError
 from plugin.format.classes import NEUTRAL_INDEX, create_mapping
 from plugin.format.images import read_image

@@ -9,7 +9,7 @@ import cv2
 import pytest
 import torch
 
-from plugin.config.settings import LEGACY_NETWORK, NetworkSpec
+from plugin.config.typed import LEGACY_NETWORK, NetworkSpec
 from plugin.nn.encoders import create_encoder
 from plugin.nn.network import create_network, network_record
 from tests.conftest import TINY_CONFIG, make_task, run_entrypoint
@@ -200,7 +200,7 @@ def test_a_file_that_fails_to_decode_is_counted_once_across_epochs(tmp_path):
     run = run_entrypoint("entrypoints.train", task)
     assert run.returncode == 0, run.stdout[-3000:]
     warnings = [line for line in run.lines if line["level"] == "warn" and line.get("file") == str(image)]
-    assert len(warnings) == 1 and "(1 of 1 allowed in the train split)" in warnings[0]["message"]
+    assert [(w["split"], w["skipped"], w["allowed"]) for w in warnings] == [("train", 1, 1)]
     assert [line["epoch"] for line in run.events("METRICS") if line["type"] == "val"] == [1.0, 2.0, 3.0]
 
 

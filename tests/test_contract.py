@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from plugin.config.settings import LEGACY_NETWORK, MATCH_ALL, Mode
+from plugin.config.typed import LEGACY_NETWORK, MATCH_ALL, Mode
 from plugin.format.classes import create_mapping
 from plugin.format.images import read_image
 from plugin.format.project import list_items, read_meta

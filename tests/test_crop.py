@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from plugin.config.load import read_train_config
-from plugin.config.settings import LEGACY_NETWORK, Scale
+from plugin.config.typed import LEGACY_NETWORK, Scale
 from plugin.demo import create_inference_task
 from plugin.files import read_json, write_json
 from plugin.format.classes import NEUTRAL_INDEX, create_mapping

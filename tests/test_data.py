@@ -155,7 +155,7 @@ def test_masks_command_writes_the_training_targets(tmp_path):
     expected[0:4, 40:48] = NEUTRAL_INDEX
     assert np.array_equal(mask, expected)
     assert (out / "ds" / "im1.png.png").is_file()
-    assert "wrote 2 masks" in json.loads(proc.stdout.splitlines()[-1])["message"]
+    assert json.loads(proc.stdout.splitlines()[-1])["masks"] == 2
 
 
 def test_loader_workers_do_not_hang_after_opencv_ran_in_the_parent(tmp_path):

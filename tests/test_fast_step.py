@@ -12,7 +12,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from plugin.config.load import read_train_config
-from plugin.config.settings import LEGACY_NETWORK
+from plugin.config.typed import LEGACY_NETWORK
 from plugin.format.project import list_items
 from plugin.nn.network import create_network
 from plugin.nn.precision import FLOAT32, Precision, cpu_has_bf16_matrix_units, resolve_precision

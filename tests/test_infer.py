@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from plugin.config.settings import tta_flips
+from plugin.config.typed import tta_flips
 from plugin.format.geometry import Bitmap, bitmap_to_json, decode_bitmap
 from plugin.format.images import read_image
 from plugin.format.project import list_items, read_annotation, read_meta

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from plugin.config.settings import LEGACY_NETWORK
+from plugin.config.typed import LEGACY_NETWORK
 from plugin.errors import TaskError
 from plugin.format.project import list_items
 from plugin.inference import modes

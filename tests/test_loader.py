@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from plugin.config.schema import TRAIN_DEFAULTS
-from plugin.config.settings import Scale, parse_steps
+from plugin.config.typed import Scale, parse_steps
 from plugin.format.classes import create_mapping
 from plugin.format.images import read_image, read_reduced
 from plugin.format.project import list_items, read_meta

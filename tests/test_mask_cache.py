@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 import pytest
 
-from plugin.config.settings import RESIZE, Scale, parse_steps
+from plugin.config.typed import RESIZE, Scale, parse_steps
 from plugin.errors import Stopped, TaskError
 from plugin.format.classes import create_mapping
 from plugin.format.masks import write_masks

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from plugin.config.settings import LEGACY_NETWORK
+from plugin.config.typed import LEGACY_NETWORK
 from plugin.errors import TaskError
 from plugin.nn.model import UNetV2
 from plugin.nn.network import create_network

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from plugin.config.load import read_inference_config
-from plugin.config.settings import LEGACY_NETWORK, tta_flips
+from plugin.config.typed import LEGACY_NETWORK, tta_flips
 from plugin.format.geometry import Polygon, Rectangle
 from plugin.format.project import Label
 from plugin.inference import modes

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from plugin.config.settings import tta_flips
+from plugin.config.typed import tta_flips
 from plugin.format.images import read_image
 from plugin.format.project import list_items, read_annotation, read_meta
 from plugin.inference import modes
@@ -57,7 +57,7 @@ def trained(request, tmp_path_factory) -> tuple[str, Path, list[dict]]:
 
 def test_each_network_resumes_and_learns_above_chance(trained):
     name, task, lines = trained
-    assert any(line["message"].startswith("resuming from the resume state") for line in lines)
+    assert [line["resumed_checkpoint"] for line in lines if "resumed_iteration" in line] == ["00000000"]
     checkpoints = [line for line in lines if line.get("event_type") == "EventType.CHECKPOINT"]
     assert [c["id"] for c in checkpoints] == [1, 2, 3]  # 0 was written before the kill
     assert checkpoints[-1]["optional"]["val_metrics"]["mean_iou"] >= MIN_MEAN_IOU

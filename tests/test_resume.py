@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -102,8 +101,16 @@ def state_path(task: Path) -> Path:
     return task / "tmp" / "resume" / "state.pt"
 
 
-def messages(run: Run) -> list[str]:
-    return [line["message"] for line in run.lines]
+def resumed_from(run: Run) -> tuple[int, float, int | None]:
+    """(iteration, epoch, last checkpoint) of the run's one "resuming" line."""
+    [line] = [line for line in run.lines if "resumed_iteration" in line]
+    return line["resumed_iteration"], line["resumed_epoch"], line["resumed_checkpoint"]
+
+
+def stopped_at(run: Run) -> tuple[str, int, int]:
+    """(signal, iteration, iterations in all) of the run's one "stopped by" line."""
+    [line] = [line for line in run.lines if "signal" in line and "iteration" in line]
+    return line["signal"], line["iteration"], line["iterations"]
 
 
 def test_sigkill_after_a_checkpoint_then_resume_ends_bitwise_equal(tmp_path):
@@ -117,9 +124,7 @@ def test_sigkill_after_a_checkpoint_then_resume_ends_bitwise_equal(tmp_path):
 
     resumed = run_entrypoint("entrypoints.train", task)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert [m for m in messages(resumed) if m.startswith("resuming")] == [
-        "resuming from the resume state at iteration 2 (epoch 1.00), after checkpoint 00000000"
-    ]
+    assert resumed_from(resumed) == (2, 1.0, "00000000")
     # Ids and epochs go on where the killed run stopped.
     assert [c["id"] for c in resumed.events("CHECKPOINT")] == [1, 2]
     assert [m["epoch"] for m in resumed.events("METRICS") if m["type"] == "train"] == [1.5, 2.0, 2.5, 3.0]
@@ -145,15 +150,13 @@ def test_sigterm_stops_a_256px_step_with_workers_inside_the_grace_period_and_res
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
     assert took < 10, f"the stop took {took:.1f} s, over docker's grace period"
     assert not run.survivors(), "a data loader worker outlived the run"
-    [line] = [m for m in messages(stopped) if m.startswith("stopped by")]
-    assert line.startswith("stopped by SIGTERM after iteration 1 of 2 (epoch 0.50); the step in flight was abandoned")
+    assert stopped_at(stopped) == ("SIGTERM", 1, 2)
     assert stopped.events("CHECKPOINT") == []
     assert state_path(task).is_file()
 
     resumed = run_entrypoint("entrypoints.train", task)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert any(m.startswith("resuming from the resume state at iteration 1 (epoch 0.50), before the first checkpoint")
-               for m in messages(resumed))
+    assert resumed_from(resumed) == (1, 0.5, None)  # before the first checkpoint
     assert [m["epoch"] for m in resumed.events("METRICS") if m["type"] == "train"] == [1.0]
     assert [c["id"] for c in resumed.events("CHECKPOINT")] == [0]
 
@@ -178,8 +181,7 @@ def test_a_second_signal_while_the_state_is_written_keeps_the_previous_state(tmp
     # The surviving state is whole: the next run continues from it.
     resumed = run_entrypoint("entrypoints.train", task)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert any(m.startswith("resuming from the resume state at iteration 2 (epoch 1.00), after checkpoint 00000000")
-               for m in messages(resumed))
+    assert resumed_from(resumed) == (2, 1.0, "00000000")
 
 
 def test_sigterm_reaches_every_rank_and_the_state_resumes_with_one_process(tmp_path):
@@ -192,13 +194,13 @@ def test_sigterm_reaches_every_rank_and_the_state_resumes_with_one_process(tmp_p
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
     assert not run.survivors(), "a rank or a worker outlived the launcher"
     # The fourth step may have finished before the signal came; then its validation is what was cut short.
-    assert [m for m in messages(stopped) if re.match(r"stopped by SIGTERM after iteration [34] of 4", m)]
+    signal_name, iteration, iterations = stopped_at(stopped)
+    assert signal_name == "SIGTERM" and iteration in (3, 4) and iterations == 4
 
     (task / "task_config.json").write_text(json.dumps(dict(two, cpu_processes=1)))
     resumed = run_entrypoint("entrypoints.train", task)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert any(m.startswith("resuming from the resume state") and "after checkpoint 00000000" in m
-               for m in messages(resumed))
+    assert resumed_from(resumed)[2] == "00000000"
     # One process makes a global batch of 1 instead of 2: what is left of epoch 1 takes more, smaller steps.
     assert [c["id"] for c in resumed.events("CHECKPOINT")] == [1]
     assert resumed.events("CHECKPOINT")[0]["optional"]["epoch"] == 2.0
@@ -213,10 +215,11 @@ def test_sigterm_to_torchrun_stops_every_worker_and_rank_0_writes_the_state(tmp_
     stopped = run.finish()
     assert stopped.returncode != 0  # torchrun's own code for a job it stopped
     assert not run.survivors(), "a torchrun worker outlived it"
-    assert [m for m in messages(stopped) if re.match(r"stopped by SIGTERM after iteration [34] of 6", m)]
+    signal_name, iteration, iterations = stopped_at(stopped)
+    assert signal_name == "SIGTERM" and iteration in (3, 4) and iterations == 6
     resumed = run_entrypoint("entrypoints.train", task)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert any(m.startswith("resuming from the resume state") for m in messages(resumed))
+    assert resumed_from(resumed)[2] is not None
     assert [c["id"] for c in resumed.events("CHECKPOINT")][-1] == 2
 
 
@@ -230,10 +233,11 @@ def test_a_changed_config_or_project_starts_afresh_and_says_what_changed(tmp_pat
     ann.write_text(json.dumps(doc))
     fresh = run_entrypoint("entrypoints.train", task)
     assert fresh.returncode == 0, fresh.stderr[-3000:]
-    [warning] = [line for line in fresh.lines if "is of another run" in line["message"]]
+    [warning] = [line for line in fresh.lines if "changed" in line]
     # data_workers only says how the run is operated: not a change of run.
-    assert "(config epochs, lr; 1 item changed); starting afresh" in warning["message"]
-    assert not [m for m in messages(fresh) if m.startswith("resuming")]
+    assert warning["changed"] == ["config epochs, lr", "1 item changed"]
+    assert warning["file"] == str(state_path(task))
+    assert not [line for line in fresh.lines if "resumed_iteration" in line]
     assert [c["id"] for c in fresh.events("CHECKPOINT")] == [0]
 
 
@@ -243,7 +247,7 @@ def test_resume_never_ignores_the_state(tmp_path):
     (task / "task_config.json").write_text(json.dumps(dict(THREE_EPOCHS, epochs=1, resume="never")))
     fresh = run_entrypoint("entrypoints.train", task)
     assert fresh.returncode == 0, fresh.stderr[-3000:]
-    assert any(m.startswith("resume is never: the resume state") for m in messages(fresh))
+    assert [line["file"] for line in fresh.lines if line.get("state_ignored")] == [str(state_path(task))]
     assert [m["epoch"] for m in fresh.events("METRICS") if m["type"] == "train"] == [0.5, 1.0]
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from plugin.config.load import read_train_config
-from plugin.config.settings import EarlyStoppingRule, TrainConfig
+from plugin.config.typed import EarlyStoppingRule, TrainConfig
 from plugin.training.schedule import (
     EarlyStopping,
     EvalPlanner,

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DistributedSampler
 
 from plugin import agent_log
-from plugin.config.settings import EarlyStoppingRule
+from plugin.config.typed import EarlyStoppingRule
 from plugin.errors import TaskError
 from plugin.format.project import find_project, list_items
 from plugin.training.checkpoints import CheckpointWriter

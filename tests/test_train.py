@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from plugin.config.load import read_train_config
-from plugin.config.settings import TrainConfig
+from plugin.config.typed import TrainConfig
 from plugin.format.project import list_items
 from plugin.synthetic import create_project
 from plugin.training.task import presented_scale
@@ -50,8 +50,10 @@ def test_full_run_writes_checkpoints_and_agent_log(trained_task):
     assert checkpoints[0]["sizeb"] == sum(p.stat().st_size for p in folder.iterdir())
     assert (root / "tmp" / "train_log.jsonl").is_file()
     # The defaults: AdamW and poly, half an epoch (1 of the 2 iterations) of warmup.
-    assert any(line["message"] == "optimizer adamw (weight decay 0.01), lr 0.001 with the poly schedule after "
-               "1 warmup iterations of 2" for line in lines)
+    [optimizer] = [line for line in lines if "optimizer" in line]
+    assert optimizer["optimizer"] == {"name": "adamw", "weight_decay": 0.01}
+    assert optimizer["lr_schedule"]["name"] == "poly"
+    assert (optimizer["warmup_iterations"], optimizer["iterations"]) == (1, 2)
 
 
 def test_checkpoint_config_keeps_the_legacy_shape(trained_task):
@@ -79,10 +81,13 @@ def test_continue_training_from_a_checkpoint(trained_task, tmp_path):
     shutil.copytree(root / "results" / "00000000", task / "model")
     run = run_entrypoint("entrypoints.train", task)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert any("every weight of the model was loaded" in line["message"] for line in run.lines)
-    messages = [line["message"] for line in run.lines]
-    assert any("keeps the legacy rule" in m for m in messages)
-    assert any(m.startswith("optimizer adam (weight decay 0), lr 0.001 with the plateau schedule") for m in messages)
+    state = torch.load(task / "model" / "model.pt", weights_only=True)
+    assert [line["loaded_tensors"] for line in run.lines if "loaded_tensors" in line] == [len(state)]
+    # The legacy rule: the plateau schedule with Adam without weight decay.
+    assert [line["legacy"] for line in run.lines if "legacy" in line] == [
+        {"lr_schedule": {"name": "plateau", "warmup_epochs": 0}, "optimizer": {"name": "adam", "weight_decay": 0}}]
+    [optimizer] = [line for line in run.lines if "optimizer" in line]
+    assert optimizer["optimizer"]["name"] == "adam" and optimizer["lr_schedule"]["name"] == "plateau"
     assert (task / "results" / "00000000" / "model.pt").is_file()
 
 
@@ -114,8 +119,9 @@ def test_transfer_learning_from_a_checkpoint_of_other_classes(trained_task, tmp_
         ann.write_text(json.dumps(data))
     run = run_entrypoint("entrypoints.train", task)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert any("transfer_learning: loaded" in line["message"] for line in run.lines)
-    auto = [line for line in run.lines if line["message"].startswith("class_weights auto")]
+    [loaded] = [line["loaded_tensors"] for line in run.lines if "loaded_tensors" in line]
+    assert loaded == len(torch.load(task / "model" / "model.pt", weights_only=True)) - 2  # not last_conv's two
+    auto = [line for line in run.lines if "class_weights" in line]
     assert len(auto) == 1 and list(auto[0]["class_weights"]) == ["bg", "blob", "ring"]
     state = torch.load(task / "results" / "00000000" / "model.pt", weights_only=True)
     assert state["module.last_conv.weight"].shape == (3, 16, 1, 1)

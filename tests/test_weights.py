@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from plugin.config.settings import LEGACY_NETWORK
+from plugin.config.typed import LEGACY_NETWORK
 from plugin.errors import TaskError
 from plugin.nn.model import UNetV2
 from plugin.nn.network import create_network, load_encoder_start

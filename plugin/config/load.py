@@ -17,7 +17,7 @@ from plugin.config.schema import (
     read_schema,
     schema_errors,
 )
-from plugin.config.settings import MATCH_ALL, InferenceConfig, TrainConfig
+from plugin.config.typed import MATCH_ALL, InferenceConfig, TrainConfig
 from plugin.errors import InvalidConfig, TaskError
 from plugin.files import read_json
 from plugin.format.images import DEFAULT_MAX_IMAGE_PIXELS

@@ -14,7 +14,7 @@ from jsonschema import Draft7Validator, ValidationError
 from jsonschema.protocols import Validator
 from jsonschema.validators import validator_for
 
-from plugin.config.settings import NetworkChoice, NetworkSpec
+from plugin.config.typed import NetworkChoice, NetworkSpec
 from plugin.errors import InvalidConfig
 
 TRAIN_SCHEMA = "train_config"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from plugin.config.settings import MATCH_ALL, Mode
+from plugin.config.typed import MATCH_ALL, Mode
 from plugin.errors import TaskError
 from plugin.format.classes import BACKGROUND_COLOR
 from plugin.format.project import ProjectMeta

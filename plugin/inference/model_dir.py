@@ -10,7 +10,7 @@ from pathlib import Path
 
 from torch import nn
 
-from plugin.config.settings import RESIZE, NetworkSpec, Scale
+from plugin.config.typed import RESIZE, NetworkSpec, Scale
 from plugin.errors import TaskError
 from plugin.files import read_json
 from plugin.format.classes import titles_by_index

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import plugin
 from plugin.config.load import mode_defaults
-from plugin.config.settings import MATCH_ALL, Mode
+from plugin.config.typed import MATCH_ALL, Mode
 from plugin.errors import TaskError
 from plugin.format.images import UPLOAD
 from plugin.format.project import ObjClass, ProjectMeta, parse_annotation

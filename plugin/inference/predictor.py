@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from plugin.config.settings import BACKENDS, LEGACY_NETWORK, RESIZE, NetworkSpec, Scale
+from plugin.config.typed import BACKENDS, LEGACY_NETWORK, RESIZE, NetworkSpec, Scale
 from plugin.errors import TaskError
 from plugin.inference.model_dir import ONNX_NAME, class_color, load_model, read_model_config
 from plugin.nn.devices import plan_devices

@@ -19,7 +19,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from plugin.config.load import mode_config, mode_defaults
-from plugin.config.settings import SDK_RUNTIMES, Mode
+from plugin.config.typed import SDK_RUNTIMES, Mode
 from plugin.errors import LimitExceeded, TaskError
 from plugin.files import parse_json
 from plugin.inference import serving

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from plugin import agent_log
 from plugin.config.load import read_inference_config
-from plugin.config.settings import InferenceConfig
+from plugin.config.typed import InferenceConfig
 from plugin.errors import TaskError
 from plugin.files import refuse_symlink, write_json
 from plugin.format.images import set_max_image_pixels

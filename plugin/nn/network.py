@@ -14,7 +14,7 @@ import os
 
 from torch import nn
 
-from plugin.config.settings import LEGACY_NETWORK, NetworkSpec
+from plugin.config.typed import LEGACY_NETWORK, NetworkSpec
 from plugin.errors import TaskError
 from plugin.nn.encoders import ENCODER_NAMES
 from plugin.nn.model import UNetV2

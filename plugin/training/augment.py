@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from plugin.config.settings import Step
+from plugin.config.typed import Step
 from plugin.format.classes import NEUTRAL_INDEX
 
 STEP_NAMES = (

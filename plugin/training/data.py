@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from plugin.config.settings import RESIZE, Scale
+from plugin.config.typed import RESIZE, Scale
 from plugin.errors import TaskError
 from plugin.format.classes import NEUTRAL_INDEX, ClassMapping
 from plugin.format.images import read_image_size
@@ -92,7 +92,7 @@ class CorruptionBudget:
             ) from error
         log.warning(
             f"skipping a corrupted sample ({used} of {self.allowed} allowed in the {self.split} split): {error}",
-            extra={"file": str(where), "split": self.split},
+            extra={"file": str(where), "split": self.split, "skipped": used, "allowed": self.allowed},
         )
 
 

@@ -90,5 +90,5 @@ class NonFiniteSteps:
             log.warning(
                 f"iteration {iteration}: the loss or gradient is not finite (lr {lr:.3g}); the step is skipped "
                 f"({self.in_row} in a row of max_nonfinite_steps {self.limit})",
-                extra={"iteration": iteration, "lr": lr},
+                extra={"skipped_iteration": iteration, "lr": lr, "nonfinite_in_row": self.in_row},
             )

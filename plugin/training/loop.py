@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from plugin import agent_log
-from plugin.config.settings import TrainConfig
+from plugin.config.typed import TrainConfig
 from plugin.errors import Stopped
 from plugin.format.classes import ClassMapping, titles_by_index
 from plugin.nn.metrics import logged_metrics
@@ -130,7 +130,8 @@ class Loop:
                 f"optimizer {config.optimizer} (weight decay {config.weight_decay:g}), "
                 f"lr {config.lr:g} with the {self.schedule.name} schedule after {self.schedule.warmup_steps} "
                 f"warmup iterations of {self.schedule.total_steps}",
-                extra={"optimizer": config.raw["optimizer"], "lr_schedule": config.raw["lr_schedule"]},
+                extra={"optimizer": config.raw["optimizer"], "lr_schedule": config.raw["lr_schedule"],
+                       "warmup_iterations": self.schedule.warmup_steps, "iterations": self.schedule.total_steps},
             )
             log_precision(config, self.precision, self.val_precision)
             if resume is not None:
@@ -196,7 +197,7 @@ class Loop:
         self.loaders["train"].dataset.set_epoch(epoch)  # new augmentations each epoch
         first = self.iters - len(self.loaders["train"])
         for k, (images, targets) in enumerate(batches(self.loaders["train"])):
-            iteration = first + k
+            batch_index = first + k
             if interval.planned == 0:
                 return "time_budget"
             stop.check()  # the hooks' safe points are off under torch.compile
@@ -214,11 +215,11 @@ class Loop:
                 result.loss.item()  # once: the compilation's cost is only known when the step is done
                 log.info(f"compile: the first iteration took {time.monotonic() - step_started:.1f} s, "
                          "torch.compile's one-off compilation included")
-            due = run.planner.due(epoch, iteration)
-            if interval.full or due or iteration == self.iters - 1:
-                self.close_interval(epoch, iteration)
+            due = run.planner.due(epoch, batch_index)
+            if interval.full or due or batch_index == self.iters - 1:
+                self.close_interval(epoch, batch_index)
             if due:
-                end = self.validate_and_save(epoch, iteration, None)
+                end = self.validate_and_save(epoch, batch_index, None)
                 if end is not None:
                     return end
         return None
@@ -246,7 +247,7 @@ class Loop:
         fit_in_budget = self.budget.iterations_left(self.clock_spent, self.clock_step_s, final_s)
         return planned if fit_in_budget is None else min(planned, fit_in_budget)
 
-    def close_interval(self, epoch: int, iteration: int) -> None:
+    def close_interval(self, epoch: int, batch_index: int) -> None:
         """The METRICS line of the steps since the last one; divergence is found (and may end the run) here."""
         report = self.interval.close(self.budget.spent())
         self.clock_spent, self.clock_step_s = report.spent_s, report.step_s
@@ -254,15 +255,15 @@ class Loop:
         metrics, _ = logged_metrics(report.cm, self.titles)
         line = headline(metrics) if report.loss is None else {"loss": report.loss, **headline(metrics)}
         # The LR of the interval's last step rides along for the training curves (plots.py).
-        agent_log.log_metrics("train", epoch + (iteration + 1) / self.iters, line, lr=report.steps[-1][1])
+        agent_log.log_metrics("train", epoch + (batch_index + 1) / self.iters, line, lr=report.steps[-1][1])
         self.interval.planned = self.plan_interval()
 
-    def validate_and_save(self, epoch: int, iteration: int, ending: str | None) -> str | None:
-        """Validate after `iteration` of `epoch`, write the checkpoint and the resume state; returns
+    def validate_and_save(self, epoch: int, batch_index: int, ending: str | None) -> str | None:
+        """Validate after batch `batch_index` (0-based) of `epoch`, write the checkpoint and the resume state; returns
         why the run ends here, if it does."""
         run, config = self.run, self.config
         started = time.monotonic()
-        epoch_float = epoch + (iteration + 1) / self.iters
+        epoch_float = epoch + (batch_index + 1) / self.iters
         self.val_metrics, absent = validate(
             self.net, self.loaders["val"], self.compute_loss, self.mapping, self.titles, self.device, config,
             self.val_precision, self.val_real, self.eval_batchnorm,
@@ -270,7 +271,7 @@ class Loop:
         agent_log.log_metrics("val", epoch_float, self.val_metrics, absent_classes=absent)
         # A validation in train mode (validate_with_model_eval false) moves the buffers.
         self.committed = snapshot_buffers(self.model)
-        run.planner.mark(epoch, iteration)
+        run.planner.mark(epoch, batch_index)
         run.validated_step = self.position.step
         stopping, lr_policy = run.stopping, run.lr_policy
         if stopping is not None and ending is None and stopping.step(self.val_metrics):
@@ -315,7 +316,8 @@ class Loop:
     def end_on_time_budget(self) -> None:
         if self.ctx.is_main:
             log.info(f"time_budget_minutes: the next iteration would not finish in time; training ends "
-                     f"after iteration {self.position.step} of {self.total}")
+                     f"after iteration {self.position.step} of {self.total}",
+                     extra={"ending": "time_budget", "iteration": self.position.step, "iterations": self.total})
         if self.run.validated_step != self.position.step:
             self.validate_and_save(*divmod(self.position.step - 1, self.iters), "time_budget")
 
@@ -328,11 +330,11 @@ class Loop:
         if self.position.step != self.last_saved_step:
             self.write_state()
         name, position = signal.Signals(signum).name, self.position
+        epoch = round(position.epoch + position.samples / self.sampler.size, 4)
         log.warning(
-            f"stopped by {name} after iteration {position.step} of {self.total} "
-            f"(epoch {position.epoch + position.samples / self.sampler.size:.2f}); the step in flight was "
-            "abandoned. The resume state is written: run the task again to continue",
-            extra={"signal": name, "iteration": position.step},
+            f"stopped by {name} after iteration {position.step} of {self.total} (epoch {epoch:.2f}); the step "
+            "in flight was abandoned. The resume state is written: run the task again to continue",
+            extra={"signal": name, "iteration": position.step, "iterations": self.total, "epoch": epoch},
         )
 
 

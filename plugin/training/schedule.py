@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from plugin.config.settings import EarlyStoppingRule, TrainConfig
+from plugin.config.typed import EarlyStoppingRule, TrainConfig
 from plugin.errors import TaskError
 from plugin.nn.metrics import summarize
 
@@ -36,17 +36,17 @@ class EvalPlanner:
     epochs: int
     done: int = 0
 
-    def due(self, epoch: int, iteration: int) -> bool:
-        """Whether to validate after `iteration` (0-based) of `epoch` (0-based); `mark` records that it was done.
+    def due(self, epoch: int, batch_index: int) -> bool:
+        """Whether to validate after batch `batch_index` of `epoch` (both 0-based); `mark` records that it was done.
 
         Kept apart so that a validation cut short by a stop signal is still due when the run resumes.
         """
-        last = epoch == self.epochs - 1 and iteration == self.iters_per_epoch - 1
-        return self._count(epoch, iteration) > self.done or last
+        last = epoch == self.epochs - 1 and batch_index == self.iters_per_epoch - 1
+        return self._count(epoch, batch_index) > self.done or last
 
-    def mark(self, epoch: int, iteration: int) -> None:
-        """Record a validation after `iteration` of `epoch`."""
-        self.done = max(self._count(epoch, iteration), self.done + 1)
+    def mark(self, epoch: int, batch_index: int) -> None:
+        """Record a validation after batch `batch_index` of `epoch`."""
+        self.done = max(self._count(epoch, batch_index), self.done + 1)
 
     def state_dict(self) -> dict:
         return {"done": self.done}
@@ -54,8 +54,8 @@ class EvalPlanner:
     def load_state_dict(self, state: dict) -> None:
         self.done = state["done"]
 
-    def _count(self, epoch: int, iteration: int) -> int:
-        progress = epoch + (iteration + 1) / self.iters_per_epoch
+    def _count(self, epoch: int, batch_index: int) -> int:
+        progress = epoch + (batch_index + 1) / self.iters_per_epoch
         return math.floor(progress / self.val_every + 1e-9)
 
 

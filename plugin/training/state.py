@@ -94,10 +94,10 @@ def log_resume(state: dict, position: Position, samples_per_epoch: int) -> None:
     checkpoints = state["checkpoints"]
     after = checkpoints["saved"][-1] if checkpoints and checkpoints["saved"] else None
     where = f"after checkpoint {after}" if after is not None else "before the first checkpoint"
+    epoch = round(position.epoch + position.samples / samples_per_epoch, 4)
     log.info(
-        f"resuming from the resume state at iteration {position.step} "
-        f"(epoch {position.epoch + position.samples / samples_per_epoch:.2f}), {where}",
-        extra={"resumed_iteration": position.step, "resumed_checkpoint": after},
+        f"resuming from the resume state at iteration {position.step} (epoch {epoch:.2f}), {where}",
+        extra={"resumed_iteration": position.step, "resumed_epoch": epoch, "resumed_checkpoint": after},
     )
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from plugin.config.settings import TrainConfig
+from plugin.config.typed import TrainConfig
 from plugin.format.classes import NEUTRAL_INDEX
 from plugin.nn.losses import segmentation_loss
 from plugin.nn.precision import Precision

@@ -11,6 +11,7 @@ import logging
 import os
 import secrets
 import statistics
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ from torch import nn
 from plugin import agent_log
 from plugin.config.load import read_train_config
 from plugin.config.schema import DEFAULT_NETWORK
-from plugin.config.settings import LEGACY_NETWORK, NetworkChoice, NetworkSpec, Scale, TrainConfig
+from plugin.config.typed import LEGACY_NETWORK, NetworkChoice, NetworkSpec, Scale, TrainConfig
 from plugin.errors import TaskError
 from plugin.files import read_json, refuse_symlink
 from plugin.format.classes import NEUTRAL_INDEX, ClassMapping, check_continue_training, create_mapping, titles_by_index
@@ -130,12 +131,8 @@ def train_rank(ctx: DistContext, task: TaskDir, config: TrainConfig, world: Worl
         record = {"network": network_record(config.network.spec),
                   "presented_scale": presented_scale(config, train_data.items)}
         writer = CheckpointWriter(task.results_dir, task.checkpoint_staging_dir, config.keep_checkpoints, record)
-
-        def save(state: dict) -> int:
-            return save_state(task.state_path, state, run_fingerprint)
-
-        def redraw() -> None:
-            write_progress(task.train_log_path, task.progress_path)
+        save = partial(save_state, task.state_path, fp=run_fingerprint)
+        redraw = partial(write_progress, task.train_log_path, task.progress_path)
 
     summary = Loop(model, loaders, config, mapping, device, writer, ctx, val_real, class_weights, resume, save,
                    redraw).fit()
@@ -218,7 +215,7 @@ def read_resume_state(task: TaskDir, config: TrainConfig, run_fingerprint: Finge
     if not config.resume:
         if task.state_path.exists():
             log.info(f"resume is never: the resume state {task.state_path} is ignored, and replaced at the "
-                     "first checkpoint")
+                     "first checkpoint", extra={"file": str(task.state_path), "state_ignored": True})
         return None
     return load_state(task.state_path, run_fingerprint)
 
@@ -259,7 +256,7 @@ def apply_initial_weights(
         return
     if init_type == "continue_training":
         load_continue(model, state_dict, where=where)
-        log.info("continue_training: every weight of the model was loaded")
+        log.info("continue_training: every weight of the model was loaded", extra={"loaded_tensors": len(state_dict)})
     else:
         loaded = load_transfer(model, state_dict, where=where)
         log.info(

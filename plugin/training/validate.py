@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from plugin.config.settings import TrainConfig
+from plugin.config.typed import TrainConfig
 from plugin.format.classes import NEUTRAL_INDEX, ClassMapping
 from plugin.nn.metrics import confusion_matrix, logged_metrics
 from plugin.nn.precision import Precision
