@@ -50,8 +50,8 @@ def recipes() -> dict[str, tuple[dict, float]]:
     """name -> (config keys over COMMON and the defaults, minutes of training)."""
     table: dict[str, tuple[dict, float]] = {
         "default": ({}, NETWORK_MINUTES),
-        # The measurement behind the default scale.mode: the default with native-scale crops.
-        "default-crop": ({"scale": {"mode": "crop", "factor": 1.0}}, NETWORK_MINUTES),
+        # The measurement behind the default scale.mode (crop): the default with whole images resized.
+        "default-resize": ({"scale": {"mode": "resize", "factor": 1.0}}, NETWORK_MINUTES),
     }
     for encoder in ENCODERS:
         for weights in ("imagenet", None):

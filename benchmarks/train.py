@@ -36,7 +36,7 @@ from plugin.training.loop import Loop
 from plugin.training.sampler import EpochSampler
 from plugin.training.schedule import create_optimizer
 from plugin.training.step import loss_fn
-from plugin.training.task import create_datasets, read_project
+from plugin.training.task import create_datasets, read_project, split_and_scale
 
 
 class TimedLoader:
@@ -90,7 +90,8 @@ def read_datasets(task: Path) -> tuple[TrainConfig, ClassMapping, SegmentationDa
     """The task dir's config, class mapping and train and val samples, as the train task builds them."""
     config = read_train_config(task / "task_config.json")
     project_dir, meta, mapping = read_project(TaskDir(task), config)
-    return (config, mapping, *create_datasets(list_items(project_dir), meta, mapping, config))
+    config, splits, _sizes = split_and_scale(list_items(project_dir), config)
+    return (config, mapping, *create_datasets(splits, meta, mapping, config))
 
 
 def time_fit(task: Path, device: torch.device) -> tuple[float, float, int]:

@@ -24,6 +24,9 @@ TINY_CONFIG = {
     "epochs": 1,
     "val_every": 1,
     "lr": 0.001,
+    # Whole images resized (one sample, one forward each): the suite's small tasks stay quick. Crops,
+    # the default, have their own tests (test_crop.py).
+    "scale": {"mode": "resize", "factor": 1.0},
     "gpu_devices": [0],
     # A METRICS line per iteration, as the tests read them (the default is about one per 10 s).
     "log_every": {"seconds": None, "iterations": 1},

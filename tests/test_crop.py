@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from plugin.config.load import read_train_config
-from plugin.config.typed import LEGACY_NETWORK, Scale
+from plugin.config.typed import LEGACY_NETWORK, RESIZE, Scale
 from plugin.demo import create_inference_task
 from plugin.files import read_json, write_json
 from plugin.format.classes import NEUTRAL_INDEX, create_mapping
@@ -28,8 +28,8 @@ from plugin.nn.tiling import TorchNetwork, training_window
 from plugin.task_dir import TaskDir
 from plugin.training.crops import crop_origin, cut
 from plugin.training.data import WholeImageDataset, split_items
-from plugin.training.task import create_dataset, train_task
-from tests.conftest import TINY_CONFIG, make_task
+from plugin.training.task import create_dataset, resolve_scale, train_task
+from tests.conftest import TINY_CONFIG, make_task, run_entrypoint
 from tests.test_contract import Recorder
 
 CROP = {"mode": "crop", "factor": 1.0}
@@ -235,3 +235,37 @@ def test_sliding_window_defaults_to_the_scale_a_resize_model_was_trained_at(capl
         modes.window_plan(trained, (128, 128), (None, None))
     [record] = caplog.records
     assert "scale 2x2" in record.getMessage() and "trained at scale 0.5" in record.getMessage()
+
+
+def auto_config(tmp_path: Path, **keys):
+    write_json(tmp_path / "task_config.json", {**TINY_CONFIG, "scale": {"mode": "crop", "factor": "auto"}, **keys})
+    return read_train_config(tmp_path / "task_config.json")
+
+
+def test_scale_auto_is_native_until_a_crop_would_span_under_a_third_of_the_images(tmp_path):
+    config = auto_config(tmp_path)  # 64 px crops: native up to a median shorter side of 192 px
+    assert config.scale == Scale("crop", None)
+    native = resolve_scale(config, [(120, 160), (192, 300), (100, 100)])
+    assert native.scale == Scale("crop", 1.0) and native.raw["scale"] == {"mode": "crop", "factor": 1.0}
+    large = resolve_scale(config, [(480, 640), (600, 800), (300, 400)])  # median shorter side 480
+    assert large.scale == Scale("crop", 0.4) and large.raw["scale"] == {"mode": "crop", "factor": 0.4}
+    # A number is kept, and resize takes none: the checkpoint records a number either way.
+    given = resolve_scale(auto_config(tmp_path, scale={"mode": "crop", "factor": 0.5}), [(4000, 4000)])
+    assert given.scale == Scale("crop", 0.5)
+    resized = resolve_scale(auto_config(tmp_path, scale={"mode": "resize", "factor": "auto"}), [(4000, 4000)])
+    assert resized.scale == RESIZE and resized.raw["scale"] == {"mode": "resize", "factor": 1.0}
+
+
+def test_a_new_task_trains_on_crops_at_the_auto_scale_and_inference_uses_it(tmp_path):
+    # No scale key: the default. 224 px images are over 3 crops of 64: scale 192 / 224.
+    config = {k: v for k, v in TINY_CONFIG.items() if k != "scale"}
+    task = TaskDir(make_task(tmp_path / "task", config, size=224))
+    run = run_entrypoint("entrypoints.train", task.root)
+    assert run.returncode == 0, run.stderr[-3000:]
+    factor = round(192 / 224, 4)
+    assert [line["scale"] for line in run.lines if "scale" in line] == [{"mode": "crop", "factor": factor}]
+    checkpoint = task.results_dir / "00000000"
+    assert read_json(checkpoint / "config.json")["settings"]["scale"] == {"mode": "crop", "factor": factor}
+    assert read_json(checkpoint / "config.json")["presented_scale"] == {"x": factor, "y": factor}
+    predictor = load_predictor(checkpoint, 0)
+    assert predictor.scale == Scale("crop", factor) and predictor.window == training_window((64, 64), factor)

@@ -24,7 +24,7 @@ from plugin.training.loop import Loop
 from plugin.training.sampler import EpochSampler
 from plugin.training.schedule import create_optimizer
 from plugin.training.step import loss_fn, train_step
-from plugin.training.task import create_datasets, read_project
+from plugin.training.task import create_datasets, read_project, split_and_scale
 from tests.conftest import TINY_CONFIG, make_task, run_entrypoint
 
 # What makes the host wait for a GPU: a scalar read (item, bool, float, int; inside torch too, where
@@ -63,7 +63,8 @@ def _datasets(task: Path) -> tuple:
     """(config, class mapping, (train, val) samples) of a task dir, as the train task builds them."""
     config = read_train_config(task / "task_config.json")
     project_dir, meta, mapping = read_project(TaskDir(task), config)
-    return config, mapping, create_datasets(list_items(project_dir), meta, mapping, config)
+    config, splits, _sizes = split_and_scale(list_items(project_dir), config)
+    return config, mapping, create_datasets(splits, meta, mapping, config)
 
 
 def _fit_in_process(root: Path, n_train: int) -> tuple[dict[str, int], int]:

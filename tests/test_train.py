@@ -13,7 +13,7 @@ from plugin.config.load import read_train_config
 from plugin.config.typed import TrainConfig
 from plugin.format.project import list_items
 from plugin.synthetic import create_project
-from plugin.training.task import presented_scale
+from plugin.training.task import image_sizes, presented_scale
 from tests.conftest import ISBI, TINY_CONFIG, make_task, run_entrypoint
 
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -83,7 +83,7 @@ def test_continue_training_from_a_checkpoint(trained_task, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     state = torch.load(task / "model" / "model.pt", weights_only=True)
     assert [line["loaded_tensors"] for line in run.lines if "loaded_tensors" in line] == [len(state)]
-    # The legacy rule: the plateau schedule with Adam without weight decay.
+    # The legacy rules: the plateau schedule with Adam without weight decay (TINY_CONFIG sets the scale).
     assert [line["legacy"] for line in run.lines if "legacy" in line] == [
         {"lr_schedule": {"name": "plateau", "warmup_epochs": 0}, "optimizer": {"name": "adam", "weight_decay": 0}}]
     [optimizer] = [line for line in run.lines if "optimizer" in line]
@@ -155,9 +155,11 @@ def test_a_few_iterations_on_the_isbi_membranes(tmp_path):
 def test_checkpoints_record_the_scale_training_presented(tmp_path):
     # Resize training of 96 px images at a 64 x 32 input: input / image side per axis (the median over
     # the train images). Crop training: the factor.
-    items = list_items(create_project(tmp_path / "p", n_train=3, n_val=0, size=96, seed=0))
-    (tmp_path / "task_config.json").write_text(json.dumps({"input_size": {"width": 64, "height": 32}}))
+    sizes = image_sizes(list_items(create_project(tmp_path / "p", n_train=3, n_val=0, size=96, seed=0)))
+    assert sizes == [(96, 96)] * 3
+    (tmp_path / "task_config.json").write_text(json.dumps({"input_size": {"width": 64, "height": 32},
+                                                           "scale": {"mode": "resize", "factor": 1.0}}))
     config = read_train_config(tmp_path / "task_config.json")
-    assert presented_scale(config, items) == {"x": 64 / 96, "y": 32 / 96}
+    assert presented_scale(config, sizes) == {"x": 64 / 96, "y": 32 / 96}
     crop = TrainConfig.from_dict({**config.raw, "scale": {"mode": "crop", "factor": 0.5}})
-    assert presented_scale(crop, items) == {"x": 0.5, "y": 0.5}
+    assert presented_scale(crop, sizes) == {"x": 0.5, "y": 0.5}

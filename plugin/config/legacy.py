@@ -41,22 +41,25 @@ def rename_legacy_key(section: object, old: str, new: str, where: str, errors: l
         section[new] = value
 
 
-def legacy_lr_rule(user: dict) -> dict:
-    """`user` with the legacy optimizer and LR rule made explicit when it sets lr_decreasing but no lr_schedule.
+def legacy_trainer_rules(user: dict) -> dict:
+    """`user` with the legacy trainer's rules made explicit when it sets lr_decreasing but no lr_schedule.
 
-    Such a config was written for the legacy trainer (Adam, no weight decay, LR divided on plateaus),
-    so it keeps that meaning rather than silently getting the new defaults; decided on the user's
-    keys, since after the merge every config has lr_decreasing.
+    Such a config was written for the legacy trainer (Adam, no weight decay, LR divided on plateaus,
+    whole images resized to the input), so it keeps that meaning rather than silently getting the new
+    defaults; decided on the user's keys, since after the merge every config has lr_decreasing.
     """
     if "lr_decreasing" not in user or "lr_schedule" in user:
         return user
-    legacy = {"lr_schedule": {"name": "plateau", "warmup_epochs": 0}}
+    legacy: dict = {"lr_schedule": {"name": "plateau", "warmup_epochs": 0}}
     if "optimizer" not in user:
         legacy["optimizer"] = {"name": "adam", "weight_decay": 0}
+    if "scale" not in user:
+        legacy["scale"] = {"mode": "resize", "factor": 1.0}
     optimizer = "" if "optimizer" in user else " with Adam without weight decay"
+    scale = "" if "scale" not in legacy else ", on whole images resized to input_size"
     log.info(
-        "the config sets lr_decreasing but no lr_schedule, so it keeps the legacy rule: the plateau "
-        f"schedule (no warmup){optimizer}; add an lr_schedule key for another schedule",
+        "the config sets lr_decreasing but no lr_schedule, so it keeps the legacy rules: the plateau "
+        f"schedule (no warmup){optimizer}{scale}; add an lr_schedule key for the new defaults",
         extra={"legacy": legacy},
     )
     return {**user, **legacy}

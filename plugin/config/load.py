@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from plugin.config.legacy import from_v1_layout, legacy_lr_rule, rename_legacy_key
+from plugin.config.legacy import from_v1_layout, legacy_trainer_rules, rename_legacy_key
 from plugin.config.schema import (
     DEFAULT_NETWORK,
     INFERENCE_SCHEMA,
@@ -73,7 +73,7 @@ def merge_defaults(defaults: dict, user: dict) -> dict:
 
 def merged_train_config(path: Path) -> dict:
     """The train config of `path` with the defaults merged in, validated; TaskError(where=path) listing all problems."""
-    merged = _network_defaults(merge_defaults(TRAIN_DEFAULTS, legacy_lr_rule(read_json(path))))
+    merged = _network_defaults(merge_defaults(TRAIN_DEFAULTS, legacy_trainer_rules(read_json(path))))
     raise_if_any(sorted(schema_errors(merged, TRAIN_SCHEMA) + _train_semantic_errors(merged)), str(path))
     return coerce_integers(merged, read_schema(TRAIN_SCHEMA))
 

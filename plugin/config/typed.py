@@ -18,11 +18,12 @@ class Scale:
     """How training presents images to the network, and so how inference must.
 
     resize: the whole image squashed to input_size (the legacy rule); crop: input_size windows of
-    the image scaled by `factor` (1.0 = native resolution).
+    the image scaled by `factor` (1.0 = native resolution). A train config's factor "auto" is None until
+    the train task derives it from the train images (training.task.resolve_scale).
     """
 
     mode: str = "resize"
-    factor: float = 1.0
+    factor: float | None = 1.0
 
     @property
     def crops(self) -> bool:
@@ -93,6 +94,13 @@ class EarlyStoppingRule:
         return self.metric == "loss"
 
 
+def _scale(section: dict) -> Scale:
+    if section["mode"] == "resize":
+        return RESIZE  # the factor means nothing to resize
+    factor = section["factor"]
+    return Scale("crop", None if factor == "auto" else float(factor))
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """A validated train config. `raw` is the merged JSON itself: checkpoints record it as `settings`."""
@@ -153,7 +161,7 @@ class TrainConfig:
         budget, stopping = config["time_budget_minutes"], config["early_stopping"]
         return cls(
             input_size=(config["input_size"]["width"], config["input_size"]["height"]),
-            scale=Scale(config["scale"]["mode"], float(config["scale"]["factor"])),
+            scale=_scale(config["scale"]),
             foreground_oversampling=float(config["foreground_oversampling"]),
             batch_size=per_split("batch_size"),
             data_workers=per_split("data_workers"),

@@ -13,8 +13,7 @@ from plugin.errors import TaskError
 from plugin.format.classes import BACKGROUND_COLOR, NEUTRAL_INDEX, ClassMapping
 from plugin.format.project import ProjectMeta, list_items
 from plugin.task_dir import TaskDir
-from plugin.training.data import split_items
-from plugin.training.task import create_dataset, read_project
+from plugin.training.task import create_dataset, read_project, split_and_scale
 
 _ALPHA = 0.5
 
@@ -27,9 +26,9 @@ def write_preview(task: TaskDir, out_dir: Path, n: int) -> list[Path]:
     """
     config = read_train_config(task.config_path)
     project_dir, meta, mapping = read_project(task, config)
+    config, splits, _sizes = split_and_scale(list_items(project_dir), config)  # the scale training resolves
     # Only the images shown need their masks rasterized.
-    items = split_items(list_items(project_dir), config.train_tag, config.val_tag)["train"][:n]
-    dataset = create_dataset("train", items, meta, mapping, config)
+    dataset = create_dataset("train", splits["train"][:n], meta, mapping, config)
     colors = class_colors(meta, mapping)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []

@@ -59,6 +59,10 @@ from plugin.training.state import Fingerprint, fingerprint, load_state, save_sta
 
 log = logging.getLogger(__name__)
 
+# scale.factor auto keeps native resolution until the images' shorter side exceeds this many crop
+# sides: past it, a native crop would show too little of a photo for its classes to be told apart.
+AUTO_CROP_SPAN = 3
+
 
 def train_task(task: TaskDir) -> TrainSummary:
     """Run the whole train task of a task dir, in one process or several; raises TaskError on bad input
@@ -104,7 +108,8 @@ def train_rank(ctx: DistContext, task: TaskDir, config: TrainConfig, world: Worl
     # The node's local rank 0 draws the masks; the others wait for this run's token, then map its files.
     token = distributed.broadcast_from_main(secrets.token_hex(8))
     cache = MaskCache(task.mask_cache_dir, builder=ctx.local_rank == 0, token=token)
-    train_data, val_data = create_datasets(items, meta, mapping, config, cache)
+    config, splits, train_sizes = split_and_scale(items, config)
+    train_data, val_data = create_datasets(splits, meta, mapping, config, cache)
     titles = titles_by_index(mapping.title_to_idx)
     class_weights = resolve_class_weights(config.class_weights, titles, train_data.masks, NEUTRAL_INDEX)
     if config.class_weights == "auto" and ctx.is_main:
@@ -129,7 +134,7 @@ def train_rank(ctx: DistContext, task: TaskDir, config: TrainConfig, world: Worl
     writer = save = redraw = None
     if ctx.is_main:
         record = {"network": network_record(config.network.spec),
-                  "presented_scale": presented_scale(config, train_data.items)}
+                  "presented_scale": presented_scale(config, train_sizes)}
         writer = CheckpointWriter(task.results_dir, task.checkpoint_staging_dir, config.keep_checkpoints, record)
         save = partial(save_state, task.state_path, fp=run_fingerprint)
         redraw = partial(write_progress, task.train_log_path, task.progress_path)
@@ -144,16 +149,52 @@ def train_rank(ctx: DistContext, task: TaskDir, config: TrainConfig, world: Worl
     return summary
 
 
-def presented_scale(config: TrainConfig, items: list) -> dict[str, float]:
+def split_and_scale(items: list, config: TrainConfig) -> tuple[TrainConfig, dict[str, list], list[tuple[int, int]]]:
+    """(the config with its scale resolved, the items by split, the train images' (height, width))."""
+    splits = split_items(items, config.train_tag, config.val_tag)
+    train_sizes = image_sizes(splits["train"])
+    return resolve_scale(config, train_sizes), splits, train_sizes
+
+
+def image_sizes(items: list) -> list[tuple[int, int]]:
+    """(height, width) of each item's image, from its header; an unreadable one is left out here (the
+    corruption budget counts it when its sample is drawn)."""
+    sizes = []
+    for item in items:
+        try:
+            sizes.append(read_image_size(item.image_path))
+        except TaskError:
+            continue
+    return sizes
+
+
+def resolve_scale(config: TrainConfig, train_sizes: list[tuple[int, int]]) -> TrainConfig:
+    """The config with a number for scale.factor, in its typed and raw forms (the checkpoint records
+    the number): "auto" is native resolution unless the train images' median shorter side is over
+    AUTO_CROP_SPAN times the input's shorter side, then the scale that brings it to that."""
+    scale = config.scale
+    if scale.crops and scale.factor is None:
+        short = statistics.median(min(size) for size in train_sizes) if train_sizes else 0
+        span = AUTO_CROP_SPAN * min(config.input_size)
+        factor = round(span / short, 4) if short > span else 1.0
+        scale = Scale("crop", factor)
+        log.info(f"scale.factor auto: the train images' median shorter side is {short:g} px; "
+                 + ("crops at native resolution" if factor == 1.0 else
+                    f"crops at scale {factor:g}, so that a {min(config.input_size)} px crop spans a third of it"),
+                 extra={"scale": {"mode": "crop", "factor": factor}})
+    raw = {**config.raw, "scale": {"mode": scale.mode, "factor": scale.factor}}
+    return dataclasses.replace(config, scale=scale, raw=raw)
+
+
+def presented_scale(config: TrainConfig, train_sizes: list[tuple[int, int]]) -> dict[str, float]:
     """The scale (x, y) at which training showed the network its images, recorded in each checkpoint so
     that sliding_window shows it images at that scale too: the crop factor, or for whole images resized
-    to the input, the median of input side / image side over the train images (headers only)."""
+    to the input, the median of input side / image side over the train images."""
     if config.scale.crops:
         return {"x": config.scale.factor, "y": config.scale.factor}
-    sizes = [read_image_size(item.image_path) for item in items]
     width, height = config.input_size
-    return {"x": float(statistics.median(width / w for _h, w in sizes)),
-            "y": float(statistics.median(height / h for h, _w in sizes))}
+    return {"x": float(statistics.median(width / w for _h, w in train_sizes)),
+            "y": float(statistics.median(height / h for h, _w in train_sizes))}
 
 
 def write_progress(log_path: Path, out_path: Path) -> None:
@@ -266,10 +307,11 @@ def apply_initial_weights(
 
 
 def create_datasets(
-    items: list, meta: ProjectMeta, mapping: ClassMapping, config: TrainConfig, cache: MaskCache | None = None
+    splits: dict[str, list], meta: ProjectMeta, mapping: ClassMapping, config: TrainConfig,
+    cache: MaskCache | None = None,
 ) -> tuple[SegmentationDataset, SegmentationDataset]:
-    """The train and val samples of a project's items, split by the config's tags (create_dataset)."""
-    splits = split_items(items, config.train_tag, config.val_tag)
+    """The train and val samples of a project's items split by the config's tags (split_items), with
+    the scale resolved (resolve_scale)."""
     return tuple(create_dataset(split, splits[split], meta, mapping, config, cache) for split in ("train", "val"))
 
 
@@ -281,6 +323,8 @@ def create_dataset(
     Crop training validates on whole images at their own size (WholeImageDataset), predicted tile by
     tile as inference will; everything else is sampled at the training scale."""
     size, scale = config.input_size, config.scale
+    if scale.factor is None:
+        raise ValueError("scale.factor auto: resolve_scale gives the datasets a number")
     whole = split == "val" and scale.crops
     budget = CorruptionBudget.create(split, config.allow_corrupted_samples.of(split))
     progress = agent_log.Progress(f"Preparing {split} masks: ", len(items))
