@@ -46,6 +46,7 @@ demo: venv
 bench: venv
 	$(PY) -m benchmarks.run
 	$(PY) -m benchmarks.networks
+	$(PY) -m benchmarks.networks --amp off
 	$(PY) -m benchmarks.masks
 	$(PY) -m benchmarks.onnx
 	$(PY) -m benchmarks.serve --size 256 --input-size 64

@@ -3,8 +3,10 @@
 A training step is forward, loss, backward and an AdamW step on a batch of random images at
 size x size; inference is the eval-mode forward and softmax. The figure that matters on a CPU is the
 ratio of training steps the default network makes in a budget to the legacy UNet v2's (target >= 6).
-Each step runs under the precision that `amp: auto` picks for it: on CUDA autocast, on a CPU with
-bfloat16 matrix units a bfloat16 training step and a float32 inference.
+Each step runs under the precision that `amp` (--amp, default auto) picks for it: with auto, on CUDA
+autocast, on a CPU with bfloat16 matrix units (AMX) a bfloat16 training step and a float32 inference.
+`make bench` prints auto and off: AMX speeds the legacy network's dense 3x3 convolutions far more
+than the default's depthwise ones, so the step ratio depends on the precision.
 
 Run alone: .venv/bin/python -m benchmarks.networks [--size 256 --batch 4 --steps 3] [--device cuda --size 512]
 """
@@ -21,7 +23,7 @@ from plugin.config.typed import LEGACY_NETWORK, NetworkSpec
 from plugin.format.classes import NEUTRAL_INDEX
 from plugin.nn.losses import segmentation_loss
 from plugin.nn.network import create_network
-from plugin.nn.precision import Precision, prepare_model, resolve_precision
+from plugin.nn.precision import AMP_SETTINGS, Precision, prepare_model, resolve_precision
 
 NETWORKS = {
     "unet/efficientnet_lite0 (default)": DEFAULT_NETWORK.spec,
@@ -76,12 +78,15 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--amp", choices=AMP_SETTINGS, default="auto", help="as the train config's amp (default: auto)")
     args = parser.parse_args()
     device = torch.device(args.device)
-    training, inference = resolve_precision("auto", device, training=True), resolve_precision("auto", device)
+    training = resolve_precision(args.amp, device, training=True)
+    inference = resolve_precision(args.amp, device)
     print(f"networks ({device.type}, training in {training.name}, inference in {inference.name}, batch {args.batch} "
           f"at {args.size}x{args.size}, best of {args.steps}); reproduce: .venv/bin/python -m benchmarks.networks "
-          f"--device {args.device} --size {args.size} --batch {args.batch} --steps {args.steps}", flush=True)
+          f"--device {args.device} --size {args.size} --batch {args.batch} --steps {args.steps} --amp {args.amp}",
+          flush=True)
     rates = {}
     for name, spec in NETWORKS.items():
         rates[name] = images_per_s(spec, args.size, args.batch, args.steps, device, training, inference)
