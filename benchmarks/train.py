@@ -79,6 +79,9 @@ def make_task(root: Path, size: int, images: int, batch: int, workers: int | str
     create_project(root / "data" / "shapes", n_train=images, n_val=2, size=size, seed=0)
     config = {
         "input_size": {"width": size, "height": size}, "batch_size": {"train": batch, "val": batch},
+        # Whole images resized: val batches of batch_size, as the loaders below are built (crop
+        # training validates whole images one per batch, a loader this benchmark does not time).
+        "scale": {"mode": "resize", "factor": 1.0},
         "data_workers": {"train": workers, "val": 0}, "epochs": 3, "val_every": 3, "amp": amp,
         "compile": compile_, "log_every": {"seconds": None, "iterations": 10**6},
     }
