@@ -84,7 +84,7 @@ def sly_unet(*args: str, log: Path) -> None:
         raise SystemExit(f"sly-unet {args[0]} failed ({log}):\n" + "\n".join(tail))
 
 
-def run_recipe(name: str, work: Path, data: Path, minutes: float | None = None) -> dict:
+def run_recipe(name: str, work: Path, data: Path, minutes: float | None = None, seed: int = 0) -> dict:
     """Train, infer on the val slices and evaluate one recipe: the evaluate report, the training steps
     done, the train images per second and the command line; {"skipped": reason} where a recipe's
     ImageNet weights cannot be had."""
@@ -92,7 +92,7 @@ def run_recipe(name: str, work: Path, data: Path, minutes: float | None = None) 
     root = work / name
     if root.exists():
         subprocess.run(["rm", "-rf", str(root)], check=True)
-    config = {**COMMON, **keys, "time_budget_minutes": minutes or budget}
+    config = {**COMMON, **keys, "seed": seed, "time_budget_minutes": minutes or budget}
     train = make_task(root / "train", data, config)
     started = time.monotonic()
     try:
@@ -143,13 +143,14 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=REPO / "build" / "bench-quality")
     parser.add_argument("--recipes", default=",".join(recipes()), help="comma-separated: " + ", ".join(recipes()))
     parser.add_argument("--minutes", type=float, help="every recipe's time budget instead of its own (quick checks)")
+    parser.add_argument("--seed", type=int, default=0, help="the runs' seed (init and sample order): for the spread")
     args = parser.parse_args()
     if not (args.data / "meta.json").is_file():
         raise SystemExit(f"{args.data}: no meta.json; the benchmark needs ../shared/data/isbi2012-membranes")
     print("reproduce: .venv/bin/python -m benchmarks.quality " + shlex.join(sys.argv[1:]), flush=True)
     rows = []
     for name in args.recipes.split(","):
-        result = run_recipe(name, args.work, args.data, args.minutes)
+        result = run_recipe(name, args.work, args.data, args.minutes, args.seed)
         rows.append((name, result))
         print(f"{name}: {'skipped: ' + result['skipped'] if 'skipped' in result else 'done'}", flush=True)
     print("\nval slices of isbi2012-membranes; Dice 2-class: mean of membrane and cell Dice")
