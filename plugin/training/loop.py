@@ -259,8 +259,8 @@ class Loop:
         self.interval.planned = self.plan_interval()
 
     def validate_and_save(self, epoch: int, batch_index: int, ending: str | None) -> str | None:
-        """Validate after batch `batch_index` (0-based) of `epoch`, write the checkpoint and the resume state; returns
-        why the run ends here, if it does."""
+        """Validate after batch `batch_index` (0-based) of `epoch`, write the checkpoint and the resume
+        state; returns why the run ends here, if it does."""
         run, config = self.run, self.config
         started = time.monotonic()
         epoch_float = epoch + (batch_index + 1) / self.iters

@@ -84,8 +84,8 @@ class LrPolicy:
         return True
 
     def state_dict(self) -> dict:
-        return {"patience": self.patience, "divisor": self.divisor, "losses": list(self.losses),
-                "last_reset": self.last_reset, "scale": self.scale}
+        # patience and divisor come from the config, which the resume fingerprint holds equal.
+        return {"losses": list(self.losses), "last_reset": self.last_reset, "scale": self.scale}
 
     def load_state_dict(self, state: dict) -> None:
         self.losses, self.last_reset, self.scale = list(state["losses"]), state["last_reset"], state["scale"]

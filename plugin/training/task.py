@@ -150,9 +150,13 @@ def train_rank(ctx: DistContext, task: TaskDir, config: TrainConfig, world: Worl
 
 
 def split_and_scale(items: list, config: TrainConfig) -> tuple[TrainConfig, dict[str, list], list[tuple[int, int]]]:
-    """(the config with its scale resolved, the items by split, the train images' (height, width))."""
+    """(the config with its scale resolved, the items by split, the train images' (height, width)).
+
+    The sizes are read (image headers) only where something needs them: the auto factor, and the
+    presented scale of resize training; crops at a given factor need none."""
     splits = split_items(items, config.train_tag, config.val_tag)
-    train_sizes = image_sizes(splits["train"])
+    given_factor = config.scale.crops and config.scale.factor is not None
+    train_sizes = [] if given_factor else image_sizes(splits["train"])
     return resolve_scale(config, train_sizes), splits, train_sizes
 
 
@@ -178,9 +182,9 @@ def resolve_scale(config: TrainConfig, train_sizes: list[tuple[int, int]]) -> Tr
         span = AUTO_CROP_SPAN * min(config.input_size)
         factor = round(span / short, 4) if short > span else 1.0
         scale = Scale("crop", factor)
-        log.info(f"scale.factor auto: the train images' median shorter side is {short:g} px; "
-                 + ("crops at native resolution" if factor == 1.0 else
-                    f"crops at scale {factor:g}, so that a {min(config.input_size)} px crop spans a third of it"),
+        how = "at native resolution" if factor == 1.0 else (
+            f"at scale {factor:g}, so that a {min(config.input_size)} px crop spans 1/{AUTO_CROP_SPAN} of it")
+        log.info(f"scale.factor auto: the train images' median shorter side is {short:g} px; crops {how}",
                  extra={"scale": {"mode": "crop", "factor": factor}})
     raw = {**config.raw, "scale": {"mode": scale.mode, "factor": scale.factor}}
     return dataclasses.replace(config, scale=scale, raw=raw)
