@@ -44,7 +44,8 @@ def images_per_s(spec: NetworkSpec, size: int, batch: int, steps: int, device: t
     """(train, inference) images/s, each the best of `steps` timed steps after one warm-up step."""
     torch.manual_seed(0)
     model = prepare_model(create_network(spec, CLASSES).to(device), training)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    # Fused, as the trainer's (training.schedule.create_optimizer).
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     images = torch.randn(batch, 3, size, size, device=device)
     targets = torch.randint(0, CLASSES, (batch, size, size), device=device)
 

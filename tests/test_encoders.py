@@ -194,3 +194,24 @@ def test_only_last_conv_depends_on_the_classes(name: str) -> None:
     assert {k for k in two if two[k] != five[k]} == {"last_conv.weight", "last_conv.bias"}
     assert five["last_conv.weight"][0] == 5
     assert all(k.startswith(("encoder.", "decoder.blocks.", "last_conv.")) for k in two)
+
+
+def test_lite0_depthwise_convs_run_in_float32_under_cpu_autocast() -> None:
+    # oneDNN's bfloat16 depthwise kernels are several times slower than its float32 ones, so under CPU
+    # autocast the encoder runs them in float32 and hands the next layer the autocast dtype.
+    encoder = create_encoder("efficientnet_lite0")
+    conv = encoder.blocks[2][0].conv_dw  # 5x5, stride 2: the one padded before the conv
+    other = encoder.blocks[1][1].conv_dw  # 3x3, stride 1: padded by the conv itself
+    x = torch.randn(2, conv.in_channels, 32, 32).bfloat16()
+    for module in (conv, other):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = module(x)
+        padded = x if module.pad is None else torch.nn.functional.pad(x, module.pad)
+        expected = torch.nn.functional.conv2d(padded.float(), module.weight, None, module.stride, module.padding,
+                                              groups=module.groups)
+        assert y.dtype == torch.bfloat16
+        assert torch.equal(y, expected.bfloat16())
+    stem = encoder.conv_stem  # a dense conv keeps autocast's bfloat16 weights
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        dense = stem(torch.randn(1, 3, 32, 32))
+    assert dense.dtype == torch.bfloat16
