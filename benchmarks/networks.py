@@ -6,7 +6,8 @@ ratio of training steps the default network makes in a budget to the legacy UNet
 Each step runs under the precision that `amp` (--amp, default auto) picks for it: with auto, on CUDA
 autocast, on a CPU with bfloat16 matrix units (AMX) a bfloat16 training step and a float32 inference.
 `make bench` prints auto and off: AMX speeds the legacy network's dense 3x3 convolutions far more
-than the default's depthwise ones, so the step ratio depends on the precision.
+than anything in the default (whose depthwise convolutions run in float32 even then), so the step
+ratio depends on the precision.
 
 Run alone: .venv/bin/python -m benchmarks.networks [--size 256 --batch 4 --steps 3] [--device cuda --size 512]
 """
