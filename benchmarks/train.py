@@ -22,21 +22,17 @@ from pathlib import Path
 
 import torch
 
-from plugin.config.load import read_train_config
 from plugin.config.schema import DEFAULT_NETWORK
-from plugin.config.typed import TrainConfig
-from plugin.format.classes import ClassMapping
-from plugin.format.project import list_items
 from plugin.nn.network import create_network
 from plugin.nn.precision import Precision, prepare_model, resolve_precision
 from plugin.synthetic import create_project
 from plugin.task_dir import TaskDir
-from plugin.training.data import SegmentationDataset, create_loader, loader_workers
+from plugin.training.data import create_loader, loader_workers
 from plugin.training.loop import Loop
 from plugin.training.sampler import EpochSampler
 from plugin.training.schedule import create_optimizer
 from plugin.training.step import loss_fn
-from plugin.training.task import create_datasets, read_project, split_and_scale
+from plugin.training.task import read_datasets
 
 
 class TimedLoader:
@@ -89,17 +85,9 @@ def make_task(root: Path, size: int, images: int, batch: int, workers: int | str
     return root
 
 
-def read_datasets(task: Path) -> tuple[TrainConfig, ClassMapping, SegmentationDataset, SegmentationDataset]:
-    """The task dir's config, class mapping and train and val samples, as the train task builds them."""
-    config = read_train_config(task / "task_config.json")
-    project_dir, meta, mapping = read_project(TaskDir(task), config)
-    config, splits, _sizes = split_and_scale(list_items(project_dir), config)
-    return (config, mapping, *create_datasets(splits, meta, mapping, config))
-
-
 def time_fit(task: Path, device: torch.device) -> tuple[float, float, int]:
     """(seconds of the last train epoch of 3, seconds it waited for the loader, its images)."""
-    config, mapping, train, val = read_datasets(task)
+    config, mapping, train, val = read_datasets(TaskDir(task))
     workers = loader_workers(config.data_workers.train, "train", 1)
     sampler = EpochSampler(len(train), 0, 1, config.seed)
     loaders = {"train": TimedLoader(create_loader(train, config.batch_size.train, workers, sampler=sampler)),
@@ -120,7 +108,7 @@ def time_fit(task: Path, device: torch.device) -> tuple[float, float, int]:
 
 def time_bare(task: Path, device: torch.device, precision: Precision, compile_: bool) -> float:
     """Seconds of a bare loop over one epoch's batches held in memory: forward, loss, backward, step."""
-    config, mapping, train, _ = read_datasets(task)
+    config, mapping, train, _ = read_datasets(TaskDir(task))
     loader = create_loader(train, config.batch_size.train, 0, sampler=EpochSampler(len(train), 0, 1, config.seed))
     batches = [(x.to(device), y.to(device)) for x, y in loader]
     torch.manual_seed(0)

@@ -11,9 +11,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from plugin.config.load import read_train_config
 from plugin.config.typed import LEGACY_NETWORK
-from plugin.format.project import list_items
 from plugin.nn.network import create_network
 from plugin.nn.precision import FLOAT32, Precision, cpu_has_bf16_matrix_units, resolve_precision
 from plugin.task_dir import TaskDir
@@ -24,7 +22,7 @@ from plugin.training.loop import Loop
 from plugin.training.sampler import EpochSampler
 from plugin.training.schedule import create_optimizer
 from plugin.training.step import loss_fn, train_step
-from plugin.training.task import create_datasets, read_project, split_and_scale
+from plugin.training.task import read_datasets
 from tests.conftest import TINY_CONFIG, make_task, run_entrypoint
 
 # What makes the host wait for a GPU: a scalar read (item, bool, float, int; inside torch too, where
@@ -59,21 +57,13 @@ class ScalarReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _datasets(task: Path) -> tuple:
-    """(config, class mapping, (train, val) samples) of a task dir, as the train task builds them."""
-    config = read_train_config(task / "task_config.json")
-    project_dir, meta, mapping = read_project(TaskDir(task), config)
-    config, splits, _sizes = split_and_scale(list_items(project_dir), config)
-    return config, mapping, create_datasets(splits, meta, mapping, config)
-
-
 def _fit_in_process(root: Path, n_train: int) -> tuple[dict[str, int], int]:
     """Host reads of a whole 1-epoch Loop.fit() on n_train 32x32 images (batch 2), one METRICS line per
     epoch and one validation at its end."""
     config = dict(TINY_CONFIG, input_size={"width": 32, "height": 32}, augmentations=False,
                   log_every={"seconds": None, "iterations": 1000})
     task = make_task(root, config, n_train=n_train, n_val=2, size=32)
-    config, mapping, (train, val) = _datasets(task)
+    config, mapping, train, val = read_datasets(TaskDir(task))
     loaders = {
         "train": create_loader(train, 2, 0, sampler=EpochSampler(len(train), 0, 1, config.seed)),
         "val": create_loader(val, 2, 0),
@@ -111,7 +101,7 @@ def _one_step(precision: Precision, images: torch.Tensor, targets: torch.Tensor,
 def batch_and_config(tmp_path_factory):
     root = tmp_path_factory.mktemp("amp") / "task"
     task = make_task(root, dict(TINY_CONFIG, augmentations=False), n_train=4, n_val=2)
-    config, _, (data, _) = _datasets(task)
+    config, _, data, _ = read_datasets(TaskDir(task))
     samples = [data[i] for i in range(2)]
     return torch.stack([s[0] for s in samples]), torch.stack([s[1] for s in samples]), config
 

@@ -310,6 +310,15 @@ def apply_initial_weights(
         )
 
 
+def read_datasets(task: TaskDir) -> tuple[TrainConfig, ClassMapping, SegmentationDataset, SegmentationDataset]:
+    """A task dir's config (scale resolved), class mapping, and train and val samples, built as
+    train_rank builds them but without a mask cache: for benchmarks and tests that drive the Loop."""
+    config = read_train_config(task.config_path)
+    project_dir, meta, mapping = read_project(task, config)
+    config, splits, _sizes = split_and_scale(list_items(project_dir), config)
+    return (config, mapping, *create_datasets(splits, meta, mapping, config))
+
+
 def create_datasets(
     splits: dict[str, list], meta: ProjectMeta, mapping: ClassMapping, config: TrainConfig,
     cache: MaskCache | None = None,
