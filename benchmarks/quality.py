@@ -52,6 +52,11 @@ def recipes() -> dict[str, tuple[dict, float]]:
         "default": ({}, NETWORK_MINUTES),
         # The measurement behind the default scale.mode (crop): the default with whole images resized.
         "default-resize": ({"scale": {"mode": "resize", "factor": 1.0}}, NETWORK_MINUTES),
+        # The measurements behind the default batch and input size (8 crops of 256²): twice the steps
+        # at half the batch, and the same pixels a step in fewer, larger crops.
+        "default-batch4": ({"batch_size": {"train": 4}}, NETWORK_MINUTES),
+        "default-input384-batch4": ({"input_size": {"width": 384, "height": 384}, "batch_size": {"train": 4}},
+                                    NETWORK_MINUTES),
     }
     for encoder in ENCODERS:
         for weights in ("imagenet", None):
