@@ -8,12 +8,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from plugin.config.load import read_train_config
 from plugin.errors import TaskError
 from plugin.format.classes import BACKGROUND_COLOR, NEUTRAL_INDEX, ClassMapping
-from plugin.format.project import ProjectMeta, list_items
+from plugin.format.project import ProjectMeta
 from plugin.task_dir import TaskDir
-from plugin.training.task import create_dataset, read_project, split_and_scale
+from plugin.training.task import create_dataset, read_splits
 
 _ALPHA = 0.5
 
@@ -24,9 +23,7 @@ def write_preview(task: TaskDir, out_dir: Path, n: int) -> list[Path]:
     PNG i is training sample i % len in epoch i // len, so with N above the number of images each
     image shows up again, augmented as in a later epoch.
     """
-    config = read_train_config(task.config_path)
-    project_dir, meta, mapping = read_project(task, config)
-    config, splits, _sizes = split_and_scale(list_items(project_dir), config)  # the scale training resolves
+    config, meta, mapping, splits = read_splits(task)  # with the scale training resolves
     # Only the images shown need their masks rasterized.
     dataset = create_dataset("train", splits["train"][:n], meta, mapping, config)
     colors = class_colors(meta, mapping)

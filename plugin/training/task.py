@@ -310,12 +310,19 @@ def apply_initial_weights(
         )
 
 
-def read_datasets(task: TaskDir) -> tuple[TrainConfig, ClassMapping, SegmentationDataset, SegmentationDataset]:
-    """A task dir's config (scale resolved), class mapping, and train and val samples, built as
-    train_rank builds them but without a mask cache: for benchmarks and tests that drive the Loop."""
+def read_splits(task: TaskDir) -> tuple[TrainConfig, ProjectMeta, ClassMapping, dict[str, list]]:
+    """A task dir's config (scale resolved), project meta, class mapping and items by split, read as
+    train_rank reads them: for tools that build samples outside a run."""
     config = read_train_config(task.config_path)
     project_dir, meta, mapping = read_project(task, config)
     config, splits, _sizes = split_and_scale(list_items(project_dir), config)
+    return config, meta, mapping, splits
+
+
+def read_datasets(task: TaskDir) -> tuple[TrainConfig, ClassMapping, SegmentationDataset, SegmentationDataset]:
+    """A task dir's config (scale resolved), class mapping, and train and val samples, built as
+    train_rank builds them but without a mask cache: for benchmarks and tests that drive the Loop."""
+    config, meta, mapping, splits = read_splits(task)
     return (config, mapping, *create_datasets(splits, meta, mapping, config))
 
 
